@@ -1,0 +1,105 @@
+"""Checkpoints: the trainer's resumable file and the plain published-layout state dict.
+
+A trainer checkpoint is a dict saved with `mge.save`, marked by the key "megfb" (the project
+version) and holding: config (resolved), model (state dict), ema (state dict or None),
+optimizer, iteration, rng, split (val_fraction, seed, train_idx, val_idx), stats (mean, std)
+and val (the last validation figures, best score). A plain state dict - such as the team's
+published `feedback_restormer.mge` - is just {key: array}; it loads into a model built from a
+config (the FBRestormer defaults when none is given) with strict key and shape checks.
+"""
+import os
+import pickle
+
+import megengine as mge
+import numpy as np
+
+from .atomic import atomic_output
+from .errors import MegfbError
+
+
+def save_checkpoint(payload, path):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    with atomic_output(path) as tmp:
+        mge.save(payload, tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise MegfbError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise MegfbError(f"checkpoint {path} is empty (0 bytes): it was not written completely")
+    try:
+        obj = mge.load(path, map_location="cpux")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError, RuntimeError, OSError) as exc:
+        raise MegfbError(
+            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(exc).__name__})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise MegfbError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def is_trainer_checkpoint(obj):
+    return isinstance(obj, dict) and "megfb" in obj
+
+
+def _as_array(value):
+    return value.numpy() if isinstance(value, mge.Tensor) else np.asarray(value)
+
+
+def check_state_dict(model, state, source):
+    """Raise one clear error naming the first missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    for key in expected:
+        if key not in state:
+            raise MegfbError(f"checkpoint {source}: missing key '{key}'")
+    for key in state:
+        if key not in expected:
+            raise MegfbError(f"checkpoint {source}: unexpected key '{key}' (not in this model)")
+    for key, value in expected.items():
+        want, got = tuple(_as_array(value).shape), tuple(_as_array(state[key]).shape)
+        if want != got:
+            raise MegfbError(f"checkpoint {source}: key '{key}' has shape {got}, the model expects {want}")
+
+
+def load_weights(model, state, source):
+    check_state_dict(model, state, source)
+    model.load_state_dict({k: _as_array(v) for k, v in state.items()}, strict=True)
+    return model
+
+
+def model_from_checkpoint(path, config_path=None, prefer_ema=True):
+    """Build and load a model from either checkpoint kind.
+
+    Returns (model, info) with info = {"kind", "config", "split", "val", "weights"}; the
+    model is in eval mode. For a trainer checkpoint the EMA weights are used when present
+    (and prefer_ema), for a plain state dict the config comes from `config_path` or defaults.
+    """
+    from .config import load_config
+    from .model import build_model
+
+    obj = load_checkpoint(path)
+    if is_trainer_checkpoint(obj):
+        cfg = obj["config"]
+        if config_path is not None:
+            cfg = dict(cfg, model=load_config(config_path)["model"])
+        use_ema = prefer_ema and obj.get("ema") is not None
+        state = obj["ema"] if use_ema else obj["model"]
+        info = {
+            "kind": "trainer",
+            "config": cfg,
+            "split": obj.get("split"),
+            "val": obj.get("val"),
+            "iteration": obj.get("iteration"),
+            "weights": "ema" if use_ema else "model",
+        }
+    else:
+        cfg = load_config(config_path)
+        state = obj
+        info = {"kind": "state_dict", "config": cfg, "split": None, "val": None,
+                "iteration": None, "weights": "model"}
+    model = build_model(cfg["model"])
+    load_weights(model, state, path)
+    model.eval()
+    return model, info
