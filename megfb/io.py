@@ -1,0 +1,129 @@
+"""Contest .bin files and the Bayer packing every top MegCup 2022 solution fed its network.
+
+A contest file is N raw 256x256 Bayer mosaics, little-endian uint16, C order, no header, so
+its byte size alone says how many patches it holds. A size that is not a whole number of
+patches means the file is not a contest file; we say so rather than reshape it silently.
+"""
+import os
+
+import numpy as np
+
+from .atomic import atomic_output
+from .errors import MegfbError
+
+PATCH = 256
+PATCH_BYTES = PATCH * PATCH * 2  # one uint16 mosaic
+DTYPE = np.dtype("<u2")
+WHITE = 65535.0  # values are scaled to [0, 1] by this (the contest's convention)
+
+FILE_NAMES = {
+    "train_input": "competition_train_input.0.2.bin",
+    "train_gt": "competition_train_gt.0.2.bin",
+    "test_input": "competition_test_input.0.2.bin",
+    # not a contest file: the synthetic set's test targets, so test predictions can be scored locally
+    "test_gt": "synthetic_test_gt.0.2.bin",
+}
+
+
+def contest_paths(data_dir):
+    """Where the contest files (and the synthetic test targets) live in `data_dir`."""
+    return {key: os.path.join(os.fspath(data_dir), name) for key, name in FILE_NAMES.items()}
+
+
+def count_patches(path):
+    """Number of 256x256 patches in a contest .bin; MegfbError when it is not one."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MegfbError(f"file not found: {path}")
+    if not os.path.isfile(path):
+        raise MegfbError(f"{path} is not a file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise MegfbError(f"{path} is empty (0 bytes); expected N x {PATCH} x {PATCH} uint16 patches")
+    if size % PATCH_BYTES:
+        raise MegfbError(
+            f"{path} has {size} bytes, not a multiple of one {PATCH}x{PATCH} uint16 patch ({PATCH_BYTES} bytes): "
+            f"{size // PATCH_BYTES} whole patches and {size % PATCH_BYTES} bytes left over, so it is not a contest file"
+        )
+    return size // PATCH_BYTES
+
+
+def read_bin(path):
+    """Memory-map a contest .bin read-only as (N, 256, 256) uint16.
+
+    A memmap, not a read: the training file is 1 GB and every loader worker opens it.
+    """
+    n = count_patches(path)
+    return np.memmap(os.fspath(path), dtype=DTYPE, mode="r", shape=(n, PATCH, PATCH))
+
+
+def read_pair(input_path, gt_path):
+    """(noisy, clean) memmaps of an input/ground-truth pair; their patch counts must agree."""
+    noisy, clean = read_bin(input_path), read_bin(gt_path)
+    if len(noisy) != len(clean):
+        raise MegfbError(
+            f"{input_path} holds {len(noisy)} patches but {gt_path} holds {len(clean)}; "
+            "an input file and its ground truth must have the same count"
+        )
+    return noisy, clean
+
+
+def check_patches(array, what="array"):
+    """Refuse anything that is not (N, 256, 256) uint16 (MegfbError naming `what`)."""
+    shape = tuple(np.shape(array))
+    if len(shape) != 3 or shape[1:] != (PATCH, PATCH) or shape[0] < 1:
+        raise MegfbError(f"{what}: expected shape (N, {PATCH}, {PATCH}), got {shape}")
+    dtype = np.asarray(array[:0]).dtype
+    if dtype != np.uint16:
+        raise MegfbError(f"{what}: expected uint16 values, got {dtype}")
+
+
+def write_patches(f, array):
+    """Append (n, 256, 256) uint16 patches to an open binary file, little-endian."""
+    f.write(np.ascontiguousarray(array, dtype=DTYPE).tobytes())
+
+
+def write_bin(path, array, chunk=256):
+    """Write (N, 256, 256) uint16 patches as a contest .bin, atomically (all or nothing)."""
+    check_patches(array, f"refusing to write {path}")
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        for i in range(0, len(array), chunk):  # chunks: `array` may itself be a 1 GB memmap
+            write_patches(f, array[i:i + chunk])
+
+
+def pack_bayer(x):
+    """(..., H, W) mosaic -> (..., 4, H/2, W/2) planes in the order (0,0), (0,1), (1,0), (1,1).
+
+    For an RGGB sensor that is R, Gr, Gb, B. The contest's own expression for (N, H, W) is
+    x.reshape(n,1,h//2,2,w//2,2).transpose(0,1,3,5,2,4).reshape(n,4,h//2,w//2).
+    """
+    *lead, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"pack_bayer needs even height and width, got {h}x{w}")
+    nd = len(lead)
+    y = x.reshape(*lead, h // 2, 2, w // 2, 2)
+    y = y.transpose(*range(nd), nd + 1, nd + 3, nd, nd + 2)
+    return y.reshape(*lead, 4, h // 2, w // 2)
+
+
+def unpack_bayer(x):
+    """(..., 4, h, w) planes -> (..., 2h, 2w) mosaic; the exact inverse of pack_bayer."""
+    *lead, c, h, w = x.shape
+    if c != 4:
+        raise ValueError(f"unpack_bayer needs 4 planes, got {c}")
+    nd = len(lead)
+    y = x.reshape(*lead, 2, 2, h, w)
+    y = y.transpose(*range(nd), nd + 2, nd, nd + 3, nd + 1)
+    return y.reshape(*lead, 2 * h, 2 * w)
+
+
+def mosaic_to_packed(x):
+    """uint16 mosaics (..., H, W) -> float32 packed planes on [0, 1], what the network sees."""
+    return pack_bayer(np.asarray(x, dtype=np.float32)) / np.float32(WHITE)
+
+
+def packed_to_mosaic(y):
+    """Network output on [0, 1] (..., 4, h, w) -> uint16 mosaics, the contest's submission rule:
+    x 65535, clip to [0, 65535], round, uint16, unpack."""
+    y = np.clip(np.asarray(y, dtype=np.float32) * np.float32(WHITE), 0.0, WHITE)
+    return unpack_bayer(np.rint(y).astype(np.uint16))

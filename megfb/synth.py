@@ -1,0 +1,382 @@
+"""Contest-format synthetic raw pairs: the default data when data/ holds no contest files.
+
+Recipe (shared/spec/synthetic-raw.md): crops of the colour photographs that ship inside the
+scikit-image wheel (plus procedural "dead leaves" scenes for variety) are unprocessed to linear
+camera RGB (inverse sRGB curve, inverse colour matrix, inverse white balance; Brooks et al.,
+"Unprocessing Images for Learned Raw Denoising", CVPR 2019), mosaicked to RGGB, exposed so the
+set's packed statistics land near the contest's published ones, and given the noise of a real
+phone sensor (OPPO Reno 10x, calibrated in the PMRID paper, ECCV 2020) in 10-bit DN, then
+stored x64 as uint16 exactly like the contest files.
+
+Everything downstream reads these files through megfb.io and cannot tell them from the real
+ones; `synthetic.yaml` beside them records that they are generated (and their sizes and
+hashes), which is how `megfb data synth` knows it may replace them and must never touch
+anything else.
+"""
+import collections
+import contextlib
+import functools
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import yaml
+
+from .atomic import atomic_output
+from .errors import MegfbError
+from .io import FILE_NAMES, PATCH, contest_paths, pack_bayer, unpack_bayer, write_patches
+
+NOTE_NAME = "synthetic.yaml"
+CHUNK = 64  # patches generated per step; part of the seed -> data mapping, so keep it fixed
+
+# Source photographs, all read from the installed wheel (none of these download anything).
+# Train and test use disjoint photos; chelsea and `cat` are the same picture, and the two
+# motorcycle views are one scene, so each pair stays on one side.
+TRAIN_PHOTOS = ("astronaut", "chelsea", "hubble_deep_field", "retina", "motorcycle_left",
+                "motorcycle_right", "colorwheel", "brick", "grass", "camera", "moon", "page")
+TEST_PHOTOS = ("coffee", "rocket", "immunohistochemistry", "gravel", "coins", "clock", "text")
+
+SETTINGS = {
+    "iso": [800, 6400],  # log-uniform per patch
+    "red_gain": [1.6, 2.4],  # white-balance gains undone per patch
+    "blue_gain": [1.4, 2.2],
+    "dead_leaves_fraction": 0.25,  # share of procedural scenes among the patches
+    # Exposure: per patch, the green signal mean (DN above black) is drawn log-normal; these two
+    # constants were tuned so the packed per-channel mean/std land near the contest's figures.
+    "exposure_log_mean": 3.2,
+    "exposure_log_std": 1.45,
+    "highlight_percentile": 99.9,  # ...but this percentile of a patch stays below white
+}
+
+# The contest's published packed statistics on [0, 1], black level included (R, Gr, Gb, B).
+PUBLISHED_MEAN = (0.0896, 0.1118, 0.1130, 0.0916)
+PUBLISHED_STD = (0.0604, 0.0914, 0.0934, 0.0684)
+
+# Sensor: OPPO Reno 10x (PMRID), 10-bit DN.
+BLACK, WHITE = 64, 1023
+V = WHITE - BLACK
+
+
+def system_gain(iso):
+    """K(ISO): DN per photo-electron."""
+    return 0.0005995267 * iso + 0.00868861
+
+
+def read_noise_var(iso):
+    """sigma^2(ISO) of the signal-independent (read) noise, in DN^2."""
+    return 7.11772e-7 * iso ** 2 + 6.514934e-4 * iso + 0.11492713
+
+
+# Camera colour matrices (XYZ -> camera) from Brooks et al.; a random convex combination per
+# patch gives a family of plausible sensors rather than one.
+XYZ2CAMS = np.array([
+    [[1.0234, -0.2969, -0.2266], [-0.5625, 1.6328, -0.0469], [-0.0703, 0.2188, 0.6406]],
+    [[0.4913, -0.0541, -0.0202], [-0.6130, 1.3513, 0.2906], [-0.1564, 0.2151, 0.7183]],
+    [[0.8380, -0.2630, -0.0639], [-0.2887, 1.0725, 0.2496], [-0.0627, 0.1427, 0.5438]],
+    [[0.6596, -0.2079, -0.0562], [-0.4782, 1.3016, 0.1933], [-0.0970, 0.1581, 0.5181]],
+])
+RGB2XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                    [0.2126729, 0.7151522, 0.0721750],
+                    [0.0193339, 0.1191920, 0.9503041]])
+RGGB = (0, 1, 1, 2)  # colour of packed channels (0,0), (0,1), (1,0), (1,1)
+
+
+def inverse_srgb(x):
+    """sRGB-encoded [0, 1] -> linear light."""
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+# ---------------------------------------------------------------------------------- content
+
+@functools.lru_cache(maxsize=None)
+def load_photo(name):
+    """A scikit-image sample photo as linear RGB float32 (H, W, 3), or (H, W, 1) when grey.
+
+    Linearised once per photo, before any resampling, so crops are scaled in linear light.
+    """
+    import skimage.data
+
+    if name.startswith("motorcycle_"):
+        img = skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]
+    else:
+        img = getattr(skimage.data, name)()
+    if img.dtype != np.uint8:
+        raise RuntimeError(f"skimage.data.{name} is {img.dtype}, expected uint8")
+    lut = inverse_srgb(np.arange(256) / 255.0).astype(np.float32)
+    img = lut[img]
+    return img[..., None] if img.ndim == 2 else img[..., :3]
+
+
+def photo_crop(rng, photo):
+    """A random crop of a photo, rescaled to 256x256 (x0.4-x2), flipped/rotated, tinted if grey."""
+    h, w = photo.shape[:2]
+    side = int(rng.integers(min(128, h, w), min(h, w, 640) + 1))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = photo[y:y + side, x:x + side]
+    interp = cv2.INTER_AREA if side > PATCH else cv2.INTER_LINEAR
+    crop = cv2.resize(crop, (PATCH, PATCH), interpolation=interp).reshape(PATCH, PATCH, -1)
+    if crop.shape[2] == 1:  # grey photos get a mild random colour cast
+        crop = crop * rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+    crop = np.rot90(crop, int(rng.integers(4)))
+    return crop[:, ::-1] if rng.integers(2) else crop
+
+
+def dead_leaves(rng, size=PATCH):
+    """A "dead leaves" scene: occluding discs with a power-law radius distribution (the
+    scale-invariant statistics of natural images), random linear colours, mild shading."""
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = rng.uniform(0, 1, 3) ** 2.2
+    rmin, rmax = 3.0, 90.0
+    n = int(rng.integers(60, 160))
+    u = rng.uniform(size=n)
+    radii = (rmin ** -2 - u * (rmin ** -2 - rmax ** -2)) ** -0.5  # density ~ r^-3
+    centres = rng.uniform(-10, size + 10, size=(n, 2))
+    colours = (rng.uniform(0, 1, (n, 3)) ** 2.2).astype(np.float32)
+    slopes = rng.normal(0, 0.3, (n, 2)) / radii[:, None]
+    for r, (cy, cx), c, (gy, gx) in zip(radii, centres, colours, slopes):
+        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, size)
+        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, size)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dy, dx = yy - cy, xx - cx
+        inside = dy * dy + dx * dx <= r * r
+        shade = np.clip(1 + gy * dy + gx * dx, 0.2, 1.8)[..., None]
+        img[y0:y1, x0:x1] = np.where(inside[..., None], c * shade, img[y0:y1, x0:x1])
+    # a little optical blur: real lenses do not produce perfectly sharp one-pixel edges
+    return cv2.GaussianBlur(np.clip(img, 0, 1), (0, 0), 0.7)
+
+
+def clean_scenes(rng, n, photos):
+    """n linear-RGB scenes (n, 256, 256, 3) float32 on roughly [0, 1]."""
+    scenes = np.empty((n, PATCH, PATCH, 3), np.float32)
+    leaves = rng.uniform(size=n) < SETTINGS["dead_leaves_fraction"]
+    for i in range(n):
+        if leaves[i]:
+            scenes[i] = dead_leaves(rng)
+        else:
+            scenes[i] = photo_crop(rng, load_photo(photos[int(rng.integers(len(photos)))]))
+    return scenes
+
+
+# ------------------------------------------------------------------------ camera + sensor
+
+def unprocess_mosaic(rng, scenes):
+    """Linear sRGB scenes (n, H, W, 3) -> linear camera RGGB mosaics (n, H, W) float32.
+
+    Inverse colour matrix and inverse white balance are one 3x3 map per patch; each Bayer
+    site only needs its own row of it, so it is applied to the packed planes (a third of the
+    work of converting all three colours everywhere).
+    """
+    n = len(scenes)
+    w = rng.uniform(1e-8, 1, size=(n, len(XYZ2CAMS)))
+    xyz2cam = np.einsum("nk,kij->nij", w, XYZ2CAMS) / w.sum(axis=1)[:, None, None]
+    rgb2cam = xyz2cam @ RGB2XYZ
+    rgb2cam /= rgb2cam.sum(axis=-1, keepdims=True)  # a white pixel stays white
+    gains = np.stack([rng.uniform(*SETTINGS["red_gain"], size=n), np.ones(n),
+                      rng.uniform(*SETTINGS["blue_gain"], size=n)], axis=1)
+    site = rgb2cam[:, RGGB, :] / gains[:, RGGB, None]  # (n, 4 sites, 3 colours)
+    planes = pack_bayer(scenes.transpose(0, 3, 1, 2))  # (n, 3 colours, 4 sites, h, w)
+    raw = np.einsum("nkj,njkhw->nkhw", site.astype(np.float32), planes, optimize=True)
+    return unpack_bayer(np.maximum(raw, 0))
+
+
+def expose(rng, mosaic):
+    """Scale each patch to a signal in DN above black, clipped at white (saturation)."""
+    n = len(mosaic)
+    green = pack_bayer(mosaic)[:, 1:3]
+    green_mean = green.mean(axis=(1, 2, 3)) + 1e-6
+    # highlights from a subsample: a percentile of every 4th green site is plenty and cheap
+    highlight = np.percentile(green[:, :, ::2, ::2].reshape(n, -1), SETTINGS["highlight_percentile"], axis=1) + 1e-6
+    target = np.exp(rng.normal(SETTINGS["exposure_log_mean"], SETTINGS["exposure_log_std"], size=n))
+    gain = np.minimum(target / green_mean, V / highlight)
+    return np.clip(mosaic * gain[:, None, None].astype(np.float32), 0, V)
+
+
+def add_sensor_noise(rng, signal):
+    """Signal (n, H, W) in DN above black -> (noisy, clean) 16-bit uint16 mosaics."""
+    n = len(signal)
+    lo, hi = SETTINGS["iso"]
+    iso = np.exp(rng.uniform(np.log(lo), np.log(hi), size=n))[:, None, None]
+    k = system_gain(iso)
+    noisy = k * rng.poisson(signal / k) + rng.normal(size=signal.shape) * np.sqrt(read_noise_var(iso)) + BLACK
+    noisy = np.clip(np.rint(noisy), 0, WHITE)
+    clean = signal.astype(np.float64) + BLACK
+    to16 = lambda x: np.clip(np.rint(x * 64), 0, 65535).astype(np.uint16)  # noqa: E731
+    return to16(noisy), to16(clean)
+
+
+def _chunk(seed, stream, c, n, photos):
+    rng = np.random.default_rng([seed, stream, c])
+    scenes = clean_scenes(rng, n, photos)
+    return add_sensor_noise(rng, expose(rng, unprocess_mosaic(rng, scenes)))
+
+
+def generate(n, photos, seed, stream, threads=None):
+    """Yield (noisy, clean) uint16 chunks of the n-patch set `stream` (0 train, 1 test).
+
+    Chunk c is drawn from its own generator seeded by (seed, stream, c): the data are a pure
+    function of the seed and the counts, whatever the number of threads. Threads pay off
+    because the Poisson draws (most of the time) and OpenCV release the GIL.
+    """
+    threads = threads or min(2, os.cpu_count() or 1)
+    starts = list(range(0, n, CHUNK))
+    with ThreadPoolExecutor(threads) as pool:
+        pending = collections.deque()
+        for c, start in enumerate(starts):
+            pending.append(pool.submit(_chunk, seed, stream, c, min(CHUNK, n - start), photos))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ------------------------------------------------------------------------ files + command
+
+def _sha256(path, block=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for part in iter(lambda: f.read(block), b""):
+            h.update(part)
+    return h.hexdigest()
+
+
+def read_note(data_dir):
+    """The synthetic set's note, or None when there is none (or it is unreadable)."""
+    path = os.path.join(data_dir, NOTE_NAME)
+    try:
+        with open(path) as f:
+            note = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    return note if isinstance(note, dict) and note.get("synthetic") is True else None
+
+
+def is_generated(path, note):
+    """True when `path` is the very file the note recorded (size, then mtime or hash)."""
+    entry = ((note or {}).get("files") or {}).get(os.path.basename(path))
+    if not isinstance(entry, dict):
+        return False
+    st = os.stat(path)
+    if st.st_size != entry.get("bytes"):
+        return False
+    return st.st_mtime_ns == entry.get("mtime_ns") or _sha256(path) == entry.get("sha256")
+
+
+def classify(data_dir):
+    """('none' | 'generated' | 'partial' | 'real', files): what data_dir holds.
+
+    'real' lists the existing files that no note claims: those are never overwritten.
+    """
+    note = read_note(data_dir)
+    present = [p for p in contest_paths(data_dir).values() if os.path.exists(p)]
+    foreign = [p for p in present if not is_generated(p, note)]
+    if foreign:
+        return "real", foreign
+    if not present:
+        return "none", []
+    return ("generated" if len(present) == len(FILE_NAMES) else "partial"), present
+
+
+class _Moments:
+    """Running per-packed-channel mean/std on [0, 1] of uint16 mosaics."""
+
+    def __init__(self):
+        self.n, self.s, self.s2 = 0, np.zeros(4), np.zeros(4)
+
+    def add(self, x):
+        p = pack_bayer(x).astype(np.float64) / 65535.0
+        self.n += p[:, 0].size
+        self.s += p.sum(axis=(0, 2, 3))
+        self.s2 += (p * p).sum(axis=(0, 2, 3))
+
+    def result(self):
+        mean = self.s / self.n
+        return mean, np.sqrt(np.maximum(self.s2 / self.n - mean ** 2, 0))
+
+
+def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True):
+    """Write the four .bin files and the note, all or nothing. Returns a summary dict.
+
+    Does not check what data_dir already holds; cmd_synth does that.
+    """
+    from tqdm import tqdm
+
+    paths = contest_paths(data_dir)
+    t0 = time.time()
+    moments = _Moments()
+    files = {}
+    bar = tqdm(total=n_train + n_test, unit="patch", desc="synth", disable=None if progress else True)
+    with contextlib.ExitStack() as stack:
+        tmp = {key: stack.enter_context(atomic_output(p)) for key, p in paths.items()}
+        for (noisy_key, clean_key), n, photos, stream in (
+            (("train_input", "train_gt"), n_train, TRAIN_PHOTOS, 0),
+            (("test_input", "test_gt"), n_test, TEST_PHOTOS, 1),
+        ):
+            hashes = [hashlib.sha256(), hashlib.sha256()]
+            with open(tmp[noisy_key], "wb") as fn, open(tmp[clean_key], "wb") as fc:
+                for noisy, clean in generate(n, photos, seed, stream):
+                    write_patches(fn, noisy)
+                    write_patches(fc, clean)
+                    hashes[0].update(noisy.astype("<u2", copy=False).tobytes())
+                    hashes[1].update(clean.astype("<u2", copy=False).tobytes())
+                    if stream == 0:
+                        moments.add(noisy)
+                    bar.update(len(noisy))
+            for key, h in zip((noisy_key, clean_key), hashes):
+                st = os.stat(tmp[key])  # os.replace keeps the mtime, so the note can record it now
+                files[FILE_NAMES[key]] = {"bytes": st.st_size, "patches": st.st_size // (PATCH * PATCH * 2),
+                                          "sha256": h.hexdigest(), "mtime_ns": st.st_mtime_ns}
+        bar.close()
+        mean, std = moments.result()
+        note = {
+            "synthetic": True,
+            "generator": "megfb data synth (shared/spec/synthetic-raw.md)",
+            "seed": seed,
+            "counts": {"train": n_train, "test": n_test},
+            "photos": {"train": list(TRAIN_PHOTOS), "test": list(TEST_PHOTOS)},
+            "settings": dict(SETTINGS),
+            "sensor": {"model": "OPPO Reno 10x (PMRID)", "black_dn10": BLACK, "white_dn10": WHITE, "scale_to_16bit": 64},
+            "train_input_mean": [round(float(v), 5) for v in mean],
+            "train_input_std": [round(float(v), 5) for v in std],
+            "seconds": round(time.time() - t0, 1),
+            "files": files,
+        }
+        # Entered last, so renamed first: the note describing the new files is in place
+        # before they replace anything.
+        with atomic_output(os.path.join(data_dir, NOTE_NAME)) as note_tmp:
+            with open(note_tmp, "w") as f:
+                yaml.safe_dump(note, f, sort_keys=False, default_flow_style=None)
+    return note
+
+
+def cmd_synth(args):
+    """`megfb data synth`: generate the synthetic set unless real contest files are present."""
+    data_dir = args.data_dir
+    if args.train < 1 or args.test < 1:
+        raise MegfbError(f"--train and --test must be at least 1 patch, got {args.train} and {args.test}")
+    state, found = classify(data_dir)
+    if state == "real":
+        names = ", ".join(os.path.basename(p) for p in found)
+        if args.force:
+            raise MegfbError(f"refusing to overwrite {os.path.join(data_dir, os.path.basename(found[0]))}: "
+                             f"{names} in {data_dir} are not a set generated by `megfb data synth` "
+                             "(--force only regenerates synthetic sets)")
+        print(f"real contest files found in {data_dir} ({names}); nothing generated")
+        return 0
+    if state == "generated" and not args.force:
+        note = read_note(data_dir)
+        c = note.get("counts", {})
+        print(f"synthetic set already in {data_dir} (seed {note.get('seed')}, {c.get('train')} train / "
+              f"{c.get('test')} test patches); use --force to regenerate it")
+        return 0
+    note = synthesize(data_dir, args.train, args.test, args.seed)
+    fmt = lambda v: "[" + ", ".join(f"{x:.4f}" for x in v) + "]"  # noqa: E731
+    print(f"synthetic set written to {data_dir}: {args.train} train pairs, {args.test} test patches, "
+          f"seed {args.seed}, {note['seconds']:.1f} s")
+    print(f"  train input mean {fmt(note['train_input_mean'])}  published {fmt(PUBLISHED_MEAN)}")
+    print(f"  train input std  {fmt(note['train_input_std'])}  published {fmt(PUBLISHED_STD)}")
+    return 0
