@@ -4,6 +4,7 @@ Everything works on memory-mapped contest files (megfb.io.read_bin) in the packe
 (..., 4, h, w) planes R, Gr, Gb, B of an RGGB mosaic, on the [0, 1] scale (/65535).
 """
 import os
+import warnings
 
 import numpy as np
 import yaml
@@ -264,6 +265,10 @@ class TrainBatches:
             while True:
                 yield self.batch(t)
                 t += 1
+        # MegEngine's worker processes pass batches through pyarrow.plasma, which warns on every
+        # use, and re-import numpy's float limits noisily; both are harmless here.
+        warnings.filterwarnings("ignore", message="Plasma is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
         loader = DataLoader(_BatchDataset(self), sampler=_BatchNumbers(self.start),
                             collator=_Single(), num_workers=self.workers)
         yield from loader
