@@ -92,7 +92,7 @@ def plot(series, title, size=(480, 300), log_y=False, hline=None):
     cv2.rectangle(img, (left, top), (w - right, h - bottom), GREY, 1)
     for t in _nice_ticks(y0, y1):
         py = int(h - bottom - (t - y0) / (y1 - y0) * (h - top - bottom))
-        label = f"1e{t:g}" if log_y else f"{t:.4g}"
+        label = f"{10 ** t:.2g}" if log_y else f"{t:.4g}"
         cv2.putText(img, label, (4, py + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, GREY, 1, cv2.LINE_AA)
         cv2.line(img, (left - 3, py), (left, py), GREY, 1)
     for t in _nice_ticks(x0, x1):

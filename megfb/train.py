@@ -1,0 +1,479 @@
+"""`megfb train`: the training loop, checkpoints and resume, EMA, validation, curves.
+
+One run = one directory runs/<name>/ holding the resolved config.yaml, log.jsonl, latest.mge,
+best.mge and curves.png. Rerunning the same command resumes from latest.mge and - because
+batch t is a pure function of (seed, t) and the optimizer/EMA state is saved - ends with the
+same weights as an uninterrupted run. Validation scores the held-out split exactly as a
+submission would be scored: predictions x 65535, clipped, rounded to uint16, contest formula.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import megengine as mge
+import megengine.distributed as dist
+import numpy as np
+from megengine.autodiff import GradManager
+from megengine.optimizer import Adam, AdamW, clip_grad_norm
+from tqdm import tqdm
+
+from . import __version__
+from .atomic import atomic_output
+from .checkpoint import is_trainer_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .config import dump_config, load_config
+from .errors import MegfbError
+from .losses import supervised_loss
+from .model import build_model, count_parameters, resolve_model_config
+
+VAL_BATCH = 8
+PREVIEW_SIZE = 64  # packed pixels per side of a preview crop (a 128x128 mosaic region)
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def learning_rate(sched, base_lr, it, iterations):
+    """Learning rate for 0-based iteration `it`: optional linear warm-up, then the schedule.
+
+    A pure function of the iteration (not a stateful scheduler), so a resumed run needs
+    nothing but the iteration number to continue on the same curve.
+    """
+    warmup = int(sched.get("warmup") or 0)
+    if it < warmup:
+        return base_lr * (it + 1) / warmup
+    kind = sched["type"]
+    if kind == "constant":
+        return base_lr
+    if kind == "step":
+        return base_lr * sched["gamma"] ** (it // int(sched["step_size"]))
+    t = (it - warmup) / max(1, iterations - warmup)  # cosine annealing to min_lr
+    return sched["min_lr"] + (base_lr - sched["min_lr"]) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def data_phase(cfg, it):
+    """(crop, batch_size) at iteration `it`: Restormer's progressive schedule when given,
+    entries {until, crop, batch_size} in order, the data section's values after the last."""
+    for entry in cfg["train"]["progressive"] or []:
+        if it < int(entry["until"]):
+            return int(entry.get("crop", cfg["data"]["crop"])), int(entry.get("batch_size", cfg["data"]["batch_size"]))
+    return int(cfg["data"]["crop"]), int(cfg["data"]["batch_size"])
+
+
+def make_optimizer(optim, params):
+    kind = {"adam": Adam, "adamw": AdamW}[optim["type"]]
+    return kind(params, lr=optim["lr"], betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+
+
+def ema_decay_at(decay, updates):
+    """EMA decay with the usual warm-up (1 + t) / (10 + t): early on the average follows the
+    weights closely instead of remembering the random initialisation for ~1/(1-decay) steps."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def update_ema(ema, state, decay):
+    for key, value in state.items():
+        if np.issubdtype(value.dtype, np.floating) and key in ema:
+            ema[key] = (decay * ema[key] + (1.0 - decay) * value).astype(value.dtype)
+        else:
+            ema[key] = value.copy()
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def training_paths(data_cfg):
+    """(input, gt) paths of the training pair; a clear error when they are not there."""
+    d = data_cfg["dir"]
+    paths = os.path.join(d, data_cfg["train_input"]), os.path.join(d, data_cfg["train_gt"])
+    for path in paths:
+        if not os.path.exists(path):
+            raise MegfbError(
+                f"training data not found: {path}; put the contest files in {d}/ "
+                "or run `megfb data synth` to generate the synthetic default set"
+            )
+    return paths
+
+
+def standardisation_stats(data_cfg, paths):
+    """mean/std ([0,1] scale) from data/stats.yaml (computed and written first if missing).
+
+    They go into the model's mean/std buffers, so every checkpoint carries its own constants.
+    """
+    import yaml
+
+    from . import data
+
+    path = os.path.join(data_cfg["dir"], data_cfg["stats"])
+    if not os.path.isfile(path):
+        print(f"{path} not found: computing it first (as `megfb data stats` does)")
+        stats = data.compute_stats(*paths, data_cfg["val_fraction"], data_cfg["split_seed"])
+        with atomic_output(path) as tmp, open(tmp, "w") as f:
+            yaml.safe_dump(stats, f, sort_keys=False, default_flow_style=None)
+    stats = data.load_stats(path)
+    black = stats.get("black_level")
+    black = float(np.mean(black["unit"])) if isinstance(black, dict) and "unit" in black else None
+    return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]], "black_level": black}
+
+
+def train_batches(paths, indices, cfg, crop, batch_size, start, rank=0, world=1):
+    """Batch t is a pure function of (seed, t): the resumed run sees the same batches. With
+    several GPUs each rank draws its own share of the global batch from its own stream."""
+    from .data import TrainBatches
+
+    d = cfg["data"]
+    return TrainBatches(*paths, indices, crop=crop, batch_size=batch_size // world, augment=d["augment"],
+                        seed=cfg["seed"], workers=d["workers"], start=start, rank=rank)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def predict_val(model, noisy_u16, stop=None):
+    """uint16 mosaics in, uint16 mosaics out: the submission rule (x65535, clip, round)."""
+    from .io import mosaic_to_packed, packed_to_mosaic
+
+    model.eval()
+    preds = []
+    for i in range(0, len(noisy_u16), VAL_BATCH):
+        if stop is not None and stop.requested:
+            break
+        preds.append(packed_to_mosaic(model(mge.tensor(mosaic_to_packed(noisy_u16[i:i + VAL_BATCH]))).numpy()))
+    model.train()
+    return np.concatenate(preds) if len(preds) * VAL_BATCH >= len(noisy_u16) else None
+
+
+def score(pred_u16, clean_u16):
+    from .metrics import contest_score, psnr
+
+    return float(contest_score(pred_u16, clean_u16)), float(psnr(pred_u16, clean_u16))
+
+
+def preview_crops(noisy_u16, pred_u16, clean_u16, n):
+    from .io import mosaic_to_packed
+
+    h = noisy_u16.shape[-1] // 2
+    lo, hi = (h - PREVIEW_SIZE) // 2, (h + PREVIEW_SIZE) // 2
+    crops = []
+    for i in range(min(n, len(noisy_u16))):
+        crops.append(tuple(mosaic_to_packed(a[i])[:, lo:hi, lo:hi] for a in (noisy_u16, pred_u16, clean_u16)))
+    return crops
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+def read_log(path, upto):
+    """The run's log entries up to iteration `upto`: a resumed run drops what the killed run
+    logged after its last checkpoint (and a half-written last line) so the log stays one story."""
+    records = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("iteration", 0) <= upto:
+                    records.append(rec)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def weights_finite(state):
+    return all(np.isfinite(v).all() for v in state.values() if np.issubdtype(v.dtype, np.floating))
+
+
+class Interrupts:
+    """SIGINT/SIGTERM: during a training step, finish it and stop at the next iteration
+    boundary (the caller then saves `latest`); anywhere else - or on a second signal -
+    raise KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.in_step = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self, signum, frame):
+        if self.in_step and not self.requested:
+            self.requested = True
+            tqdm.write("interrupt: finishing this iteration, then saving the latest checkpoint")
+        else:
+            self.requested = True
+            raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def cmd_train(args):
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, gpus=args.gpus, restart=args.restart)
+
+
+def train(cfg, gpus=1, restart=False):
+    """Train from a resolved config; returns a summary dict (best/identity score, paths)."""
+    gpus = int(gpus)
+    if gpus < 1:
+        raise MegfbError(f"--gpus must be at least 1, got {gpus}")
+    if not mge.is_cuda_available():
+        print("no GPU available: training on CPU in a single process"
+              + (f" (--gpus {gpus} ignored)" if gpus > 1 else ""))
+        return run_training(cfg, restart)
+    if gpus == 1:
+        return run_training(cfg, restart)
+    available = mge.device.get_device_count("gpu")
+    if gpus > available:
+        raise MegfbError(f"--gpus {gpus} asks for more GPUs than this machine has ({available})")
+    if cfg["data"]["batch_size"] % gpus:
+        raise MegfbError(f"config key 'data.batch_size' ({cfg['data']['batch_size']}) must be divisible by --gpus {gpus}")
+    # One process per GPU; gradients are averaged by the GradManager's all-reduce callback.
+    return dist.launcher(run_training, n_gpus=gpus)(cfg, restart)[0]
+
+
+def run_training(cfg, restart=False):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_distributed() else (0, 1)
+    main = rank == 0
+    t_start = time.time()
+    run_dir = os.path.join(cfg["out_dir"], cfg["name"])
+    latest_path, best_path = os.path.join(run_dir, "latest.mge"), os.path.join(run_dir, "best.mge")
+    log_path, curves_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "curves.png")
+    tcfg, iterations = cfg["train"], int(cfg["train"]["iterations"])
+
+    paths = training_paths(cfg["data"])
+    from .data import split_indices
+    from .io import read_pair
+
+    noisy, clean = read_pair(*paths)
+
+    resume = None
+    if os.path.exists(latest_path) and not restart:
+        resume = load_checkpoint(latest_path)
+        if not is_trainer_checkpoint(resume):
+            raise MegfbError(f"{latest_path} is not a trainer checkpoint; rerun with --restart to start over")
+    if resume is not None:
+        stats, split = resume["stats"], resume["split"]
+        train_idx, val_idx = np.asarray(split["train_idx"]), np.asarray(split["val_idx"])
+    else:
+        stats = standardisation_stats(cfg["data"], paths)
+        d = cfg["data"]
+        train_idx, val_idx = split_indices(len(noisy), d["val_fraction"], d["split_seed"])
+        if d["train_on_all"]:
+            train_idx = np.arange(len(noisy))  # the final recipe; validation is then optimistic
+        split = {"val_fraction": d["val_fraction"], "seed": d["split_seed"], "train_on_all": d["train_on_all"],
+                 "train_idx": np.asarray(train_idx), "val_idx": np.asarray(val_idx)}
+    cap = cfg["data"]["val_patches"]
+    val_sel = np.sort(np.asarray(val_idx)[: int(cap)] if cap else np.asarray(val_idx))
+    val_noisy, val_clean = np.asarray(noisy[val_sel]), np.asarray(clean[val_sel])
+
+    mge.random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    model = build_model(cfg["model"], stats["mean"], stats["std"])
+    resolved = dict(cfg, model=resolve_model_config(cfg["model"]))
+    opt = make_optimizer(cfg["optim"], model.parameters())
+    gm = GradManager().attach(model.parameters(),
+                              callbacks=[dist.make_allreduce_cb("mean")] if world > 1 else None)
+    ema_on = tcfg["ema_decay"] is not None
+    ema = {k: v.copy() for k, v in model.state_dict().items()} if ema_on else None
+    it = 0
+    val = {"identity_score": None, "identity_psnr": None, "best_score": -math.inf, "best_iteration": None}
+
+    if resume is not None:
+        load_weights(model, resume["model"], latest_path)
+        opt.load_state_dict(resume["optimizer"])
+        if ema_on:
+            ema = {k: np.array(v) for k, v in (resume.get("ema") or model.state_dict()).items()}
+        it = int(resume["iteration"])
+        val.update(resume.get("val") or {})
+        _restore_rng(resume.get("rng"))
+        if main:
+            print(f"resuming from {latest_path} at iteration {it}")
+    elif world > 1:
+        dist.bcast_list_(list(model.parameters()))
+    if it > iterations:
+        raise MegfbError(f"{latest_path} is at iteration {it}, past train.iterations={iterations}; "
+                         "raise train.iterations or rerun with --restart")
+
+    records = []
+    if main:
+        if restart:
+            for path in (latest_path, best_path, log_path, curves_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        with atomic_output(os.path.join(run_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
+            f.write(dump_config(resolved))
+        records = read_log(log_path, it)
+        n_params = count_parameters(model)
+        print(f"run {run_dir}: {resolved['model']['name']} with {n_params:,} parameters, "
+              f"{len(train_idx)} training / {len(val_sel)} validation patches, {iterations} iterations")
+        if val["identity_score"] is None:
+            val["identity_score"], val["identity_psnr"] = score(val_noisy, val_clean)
+
+    def payload():
+        return {
+            "megfb": __version__, "config": resolved, "model": model.state_dict(), "ema": ema,
+            "optimizer": opt.state_dict(), "iteration": it, "rng": _rng_state(cfg["seed"]),
+            "split": split, "stats": stats, "val": dict(val),
+        }
+
+    def save(path):
+        ckpt = payload()
+        for key in ("model", "ema"):
+            if ckpt[key] is not None and not weights_finite(ckpt[key]):
+                raise MegfbError(f"the {key} weights hold NaN/inf at iteration {it}; not saving {path} "
+                                 "(the last good checkpoint is intact)")
+        save_checkpoint(ckpt, path)
+
+    def validate():
+        """Score EMA (when on) and raw weights; returns False if interrupted meanwhile."""
+        results = {}
+        eval_sets = [("raw", model)]
+        if ema_on:
+            ema_model = build_model(resolved["model"], stats["mean"], stats["std"])
+            ema_model.load_state_dict(ema, strict=True)
+            eval_sets.insert(0, ("ema", ema_model))
+        preds = None
+        for label, m in eval_sets:
+            pred = predict_val(m, val_noisy, stop)
+            if pred is None:
+                return False
+            results[label] = score(pred, val_clean)
+            preds = pred if preds is None else preds
+        main_label = "ema" if ema_on else "raw"
+        val.update(score=results[main_label][0], psnr=results[main_label][1], iteration=it, weights=main_label)
+        rec = {"iteration": it, "val_score": val["score"], "val_psnr": val["psnr"],
+               "identity_score": val["identity_score"], "weights": main_label}
+        if ema_on:
+            rec.update(val_score_raw=results["raw"][0], val_psnr_raw=results["raw"][1])
+        best = val["score"] > val["best_score"]
+        if best:
+            val.update(best_score=val["score"], best_iteration=it)
+        records.append(rec)
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        if best:
+            save(best_path)
+        save(latest_path)
+        from .preview import curves_image, write_png
+
+        crops = preview_crops(val_noisy, preds, val_clean, tcfg["preview_crops"])
+        black = stats.get("black_level") or 4096 / 65535
+        write_png(curves_path, curves_image(records, val["identity_score"], crops, black_level=black))
+        tqdm.write(f"iteration {it}: val score {val['score']:.4f} ({main_label} weights"
+                   + (f"; raw {results['raw'][0]:.4f}" if ema_on else "")
+                   + f"), PSNR {val['psnr']:.2f} dB; identity {val['identity_score']:.4f}; "
+                   f"best {val['best_score']:.4f} at {val['best_iteration']}")
+        return True
+
+    loss_cfg, grad_clip = cfg["loss"], cfg["optim"]["grad_clip"]
+    log_every, val_every, ckpt_every = (int(tcfg[k]) for k in ("log_every", "val_every", "ckpt_every"))
+    phase, batches, acc = None, None, {"loss": 0.0, "steps": None, "n": 0, "t": time.time()}
+    log_file = open(log_path, "a") if main else open(os.devnull, "w")
+    pbar = tqdm(total=iterations, initial=it, disable=not main, dynamic_ncols=True, desc=cfg["name"], unit="it")
+    with Interrupts() as stop:
+        try:
+            while it < iterations:
+                if data_phase(cfg, it) != phase:
+                    phase = data_phase(cfg, it)
+                    batches = iter(train_batches(paths, train_idx, cfg, phase[0], phase[1], it, rank, world))
+                noisy_b, clean_b = next(batches)
+                lr = learning_rate(cfg["schedule"], cfg["optim"]["lr"], it, iterations)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+                stop.in_step = True
+                with gm:
+                    outputs = model(mge.tensor(noisy_b))
+                    loss, per_step = supervised_loss(outputs, mge.tensor(clean_b), loss_cfg)
+                    gm.backward(loss)
+                loss_value = float(loss.item())
+                if not math.isfinite(loss_value):
+                    opt.clear_grad()
+                    raise MegfbError(
+                        f"the loss is {loss_value} at iteration {it + 1}; training stopped and the last good "
+                        f"checkpoint {latest_path} is intact (lower optim.lr or set optim.grad_clip)"
+                    )
+                if grad_clip:
+                    clip_grad_norm(model.parameters(), float(grad_clip))
+                opt.step()
+                opt.clear_grad()
+                it += 1
+                if ema_on:
+                    update_ema(ema, model.state_dict(), ema_decay_at(float(tcfg["ema_decay"]), it - 1))
+                stop.in_step = False
+
+                steps = [float(s.item()) for s in per_step]
+                acc["loss"] += loss_value
+                acc["steps"] = steps if acc["steps"] is None else [a + s for a, s in zip(acc["steps"], steps)]
+                acc["n"] += 1
+                pbar.update(1)
+                if it % log_every == 0 or it == iterations:
+                    now = time.time()
+                    rec = {"iteration": it, "loss": acc["loss"] / acc["n"],
+                           "loss_steps": [s / acc["n"] for s in acc["steps"]], "lr": lr,
+                           "it_s": acc["n"] / max(now - acc["t"], 1e-9), "crop": phase[0], "batch_size": phase[1]}
+                    records.append(rec)
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    pbar.set_postfix(loss=f"{rec['loss']:.3e}", lr=f"{lr:.2e}")
+                    acc = {"loss": 0.0, "steps": None, "n": 0, "t": now}
+                if main and (it % val_every == 0 or it == iterations):
+                    if not validate():
+                        raise KeyboardInterrupt
+                elif main and it % ckpt_every == 0:
+                    save(latest_path)
+                if stop.requested:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pbar.close()
+            if main and not stop.in_step:
+                save(latest_path)
+                print(f"interrupted: saved {latest_path} at iteration {it}; rerun the same command to resume")
+            elif main:
+                print(f"interrupted mid-step: kept the previous {latest_path}; rerun the same command to resume")
+            raise
+        finally:
+            pbar.close()
+            log_file.close()
+            del batches
+    summary = {
+        "run_dir": run_dir, "iterations": it, "best_score": val["best_score"], "best_iteration": val["best_iteration"],
+        "identity_score": val["identity_score"], "last_score": val.get("score"), "last_psnr": val.get("psnr"),
+        "gain": val["best_score"] - val["identity_score"], "wall_s": time.time() - t_start,
+    }
+    if main:
+        print(f"best validation score {summary['best_score']:.4f} (iteration {summary['best_iteration']}) vs "
+              f"identity {summary['identity_score']:.4f}: gain {summary['gain']:+.4f}; "
+              f"checkpoints in {run_dir}/ (best.mge, latest.mge), curves in {curves_path}")
+    return summary
+
+
+def _rng_state(seed):
+    from megengine.random import rng as mge_rng
+
+    state = {"seed": seed, "numpy": np.random.get_state()}
+    if getattr(mge_rng, "_rng", None) is not None:
+        state["megengine"] = mge_rng._rng.state  # the MT19937 that seeds data-loader workers
+    return state
+
+
+def _restore_rng(state):
+    if not state:
+        return
+    from megengine.random import rng as mge_rng
+
+    if state.get("numpy") is not None:
+        np.random.set_state(state["numpy"])
+    if state.get("megengine") is not None and getattr(mge_rng, "_rng", None) is not None:
+        mge_rng._rng.state = state["megengine"]
