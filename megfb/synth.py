@@ -98,14 +98,15 @@ def load_photo(name):
 
     Linearised once per photo, before any resampling, so crops are scaled in linear light.
     """
-    with warnings.catch_warnings():  # importing skimage after megengine warns about float limits
+    # skimage's lazy imports after megengine warn about numpy's float limits; harmless
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         import skimage.data
 
-    if name.startswith("motorcycle_"):
-        img = skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]
-    else:
-        img = getattr(skimage.data, name)()
+        if name.startswith("motorcycle_"):
+            img = skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]
+        else:
+            img = getattr(skimage.data, name)()
     if img.dtype != np.uint8:
         raise RuntimeError(f"skimage.data.{name} is {img.dtype}, expected uint8")
     lut = inverse_srgb(np.arange(256) / 255.0).astype(np.float32)
