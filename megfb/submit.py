@@ -556,6 +556,7 @@ def cmd_submit(args):
         costs = graph_costs(graph_path)
         val = info.get("val") or {}
         score = val.get("best_score", val.get("score")) if isinstance(val, dict) else None
+        score = float(score) if score is not None and np.isfinite(score) else None
         manifest = {
             "run": name,
             "checkpoint": os.path.abspath(path),
@@ -570,7 +571,10 @@ def cmd_submit(args):
             "graph_input": {"name": GRAPH_INPUT, "shape": [1, 4, PATCH // 2, PATCH // 2],
                             "scale": "packed Bayer (0,0),(0,1),(1,0),(1,1), uint16 / 65535"},
             "graph_max_abs_diff": diff,
-            "validation_score": None if info["kind"] != "trainer" or score is None else float(score),
+            "graph_note": "the single-pass network" + ("; result.bin averages it over the 8 CFA-safe "
+                                                       "flips/rotations (TTA)" if args.tta else ""),
+            "fast_paths": any(getattr(m, "fast", False) for m in model.modules()),
+            "validation_score": score if info["kind"] == "trainer" else None,
             "validation": _jsonable(val) if info["kind"] == "trainer" else None,
             "tta": bool(args.tta),
             "input": os.path.abspath(args.input),
@@ -606,5 +610,7 @@ def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist() if obj.size <= 16 else f"<array {obj.shape}>"
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None  # JSON has no inf/nan (an unvalidated run's best score is -inf)
     return obj

@@ -157,6 +157,17 @@ def test_eval_trainer_checkpoint(tmp_path, capsys):
     identity = contest_score(noisy[[1, 3]], clean[[1, 3]])
     line = [l for l in out.splitlines() if "identity" in l][0]
     assert f"{identity:.4f}" in line
+    # the same checkpoint submitted with TTA: run name from its config, its validation score kept
+    out_dir = tmp_path / "submit"
+    assert main(["submit", "--ckpt", str(ckpt), "--tta", "--input", str(data / "competition_train_input.0.2.bin"),
+                 "--out", str(out_dir)]) == 0
+    (name,) = zips(out_dir)
+    assert name.startswith("run-")
+    with zipfile.ZipFile(out_dir / name) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        assert z.getinfo("result.bin").file_size == 4 * 256 * 256 * 2
+    assert manifest["validation_score"] == 1.5 and manifest["tta"] is True
+    assert manifest["checkpoint_kind"] == "trainer" and manifest["iteration"] == 7
 
 
 def test_mac_count_matches_hand_formula():
