@@ -290,13 +290,8 @@ def run_training(cfg, restart=False):
     val = {"identity_score": None, "identity_psnr": None, "best_score": -math.inf, "best_iteration": None}
 
     if resume is not None:
-        load_weights(model, resume["model"], latest_path)
-        opt.load_state_dict(resume["optimizer"])
-        if ema_on:
-            ema = {k: np.array(v) for k, v in (resume.get("ema") or model.state_dict()).items()}
-        it = int(resume["iteration"])
+        ema, it = restore(resume, model, opt, ema_on, latest_path)
         val.update(resume.get("val") or {})
-        _restore_rng(resume.get("rng"))
         if main:
             print(f"resuming from {latest_path} at iteration {it}")
     elif world > 1:
@@ -457,6 +452,21 @@ def run_training(cfg, restart=False):
               f"identity {summary['identity_score']:.4f}: gain {summary['gain']:+.4f}; "
               f"checkpoints in {run_dir}/ (best.mge, latest.mge), curves in {curves_path}")
     return summary
+
+
+def restore(ckpt, model, opt, ema_on, source):
+    """Load a trainer checkpoint's weights, optimizer state and RNG state; returns (ema, iteration)."""
+    load_weights(model, ckpt["model"], source)
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise MegfbError(f"checkpoint {source}: optimizer state does not fit this model/optimizer ({exc}); "
+                         "rerun with --restart") from None
+    ema = None
+    if ema_on:  # a run that turns EMA on mid-way starts the average from the current weights
+        ema = {k: np.array(v) for k, v in (ckpt.get("ema") or model.state_dict()).items()}
+    _restore_rng(ckpt.get("rng"))
+    return ema, int(ckpt["iteration"])
 
 
 def _rng_state(seed):
