@@ -1,0 +1,271 @@
+"""`megfb bench`: plain vs fast paths, side by side in one process, on the same weights and inputs.
+
+Every figure is the median of several timed repeats after a warm-up. Peak memory is the
+growth of the process's resident high-water mark during one measurement (Linux: the mark is
+reset through /proc/self/clear_refs before each one). Achieved GFLOP/s = the model's FLOPs per
+patch / measured seconds per patch, next to this CPU's float32 matmul rate measured in the
+same run, which is the practical ceiling for these layers.
+"""
+import collections
+import glob
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import megengine as mge
+import megengine.functional as F
+import numpy as np
+from megengine.autodiff import GradManager
+from megengine.jit import trace
+
+from . import __version__
+from .atomic import atomic_output
+from .layers import set_fast
+from .model import build_model, count_parameters
+
+
+def _sync():
+    mge._full_sync()
+
+
+def _read_hwm_kib():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    yield int(line.split()[1])
+    except OSError:
+        return
+
+
+def _reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn, repeats, warmup=1):
+    """Median seconds of `fn()` and the resident-memory growth (MiB) while it ran."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    resettable = _reset_hwm()
+    rss_before = dict(zip(("hwm", "rss"), _read_hwm_kib())).get("rss", 0)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    hwm = dict(zip(("hwm", "rss"), _read_hwm_kib())).get("hwm", 0)
+    peak_mib = (hwm - rss_before) / 1024 if resettable else None
+    return statistics.median(times), peak_mib
+
+
+def _inference_fn(model, x):
+    def run():
+        return model(x).numpy()
+
+    return run
+
+
+def _traced_fn(model, x):
+    @trace(symbolic=True, capture_as_const=True)
+    def graph(inp):
+        return model(inp)
+
+    return lambda: graph(x).numpy()
+
+
+def _train_fn(model, noisy, clean):
+    opt = mge.optimizer.Adam(model.parameters(), lr=1e-4)
+    gm = GradManager().attach(model.parameters())
+
+    def run():
+        with gm:
+            outs = model(noisy)
+            loss = sum(F.abs(o - clean).mean() for o in outs)
+            gm.backward(loss)
+        opt.step().clear_grad()
+        return loss.numpy()
+
+    return run
+
+
+def matmul_peak_gflops(n=1536, repeats=5):
+    a = mge.tensor(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    b = mge.tensor(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32))
+    sec, _ = measure(lambda: F.matmul(a, b).numpy(), repeats)
+    return 2 * n ** 3 / sec / 1e9
+
+
+def profile_ops(model, x, top=12):
+    """Per-operator time of one forward pass, from MegEngine's own profiler."""
+    from megengine.utils.profiler import Profiler
+
+    model(x).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        with Profiler(path=folder):
+            model(x).numpy()
+        events = []
+        for path in glob.glob(os.path.join(folder, "*.json")):
+            with open(path) as f:
+                data = json.load(f)
+            events += data["traceEvents"] if isinstance(data, dict) else data
+    totals, counts, open_at = collections.Counter(), collections.Counter(), {}
+    for ev in events:
+        if ev.get("cat") != "Kernel":
+            continue
+        key = (ev.get("tid"), ev["name"])
+        if ev["ph"] == "B":
+            open_at[key] = ev["ts"]
+        elif ev["ph"] == "E" and key in open_at:
+            totals[ev["name"]] += ev["ts"] - open_at.pop(key)
+            counts[ev["name"]] += 1
+    whole = sum(totals.values()) or 1.0
+    return [
+        {"op": name, "ms": round(us / 1e3, 3), "share": round(us / whole, 3), "calls": counts[name]}
+        for name, us in totals.most_common(top)
+    ]
+
+
+def run_bench(repeats=5, quick=False, profile=True):
+    rng = np.random.default_rng(0)
+    side = 32 if quick else 128  # packed side: 128 = one 256x256 raw patch
+    crop = 16 if quick else 64  # packed side of a 128x128 raw training crop
+    plain_repeats = max(1, min(repeats, 2 if quick else 3))
+    results = {"version": __version__, "megengine": mge.__version__, "machine": platform.processor() or platform.machine(),
+               "cores": os.cpu_count(), "quick": quick, "rows": []}
+
+    model = build_model({"name": "fbrestormer", "fast": False})
+    model.eval()
+    flops = model_flops(model, (1, 4, 128, 128))
+    results["params"] = count_parameters(model)
+    results["flops_per_patch"] = flops
+    results["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
+    patch_flops = flops * (side / 128) ** 2
+
+    def row(name, batch, sec_per_call, peak, per=None):
+        per_patch = sec_per_call / batch
+        entry = {"case": name, "batch": batch, "sec_per_patch": round(per_patch, 5),
+                 "peak_mib": None if peak is None else round(peak, 1)}
+        if per != "train":
+            entry["gflops"] = round(patch_flops / per_patch / 1e9, 2)
+        results["rows"].append(entry)
+        return entry
+
+    x = {b: mge.tensor(rng.random((b, 4, side, side), dtype=np.float32)) for b in (1, 8)}
+    outputs = {}
+    for batch in (1, 8):
+        set_fast(model, False)
+        outputs["plain", batch] = model(x[batch]).numpy()
+        sec, peak = measure(_inference_fn(model, x[batch]), plain_repeats)
+        row("infer plain", batch, sec, peak)
+        set_fast(model, True)
+        outputs["fast", batch] = model(x[batch]).numpy()
+        sec, peak = measure(_inference_fn(model, x[batch]), repeats)
+        row("infer fast", batch, sec, peak)
+        traced = _traced_fn(model, x[batch])
+        outputs["traced", batch] = traced()
+        sec, peak = measure(traced, repeats)
+        row("infer fast+trace", batch, sec, peak)
+
+    ref = np.abs(outputs["plain", 8]).max()
+    results["max_rel_diff"] = {
+        f"{path}_b{b}": float(np.abs(outputs[path, b] - outputs["plain", b]).max() / ref)
+        for path in ("fast", "traced") for b in (1, 8)
+    }
+
+    model.train()
+    noisy = mge.tensor(rng.random((8, 4, crop, crop), dtype=np.float32))
+    clean = mge.tensor(rng.random((8, 4, crop, crop), dtype=np.float32))
+    for fast in (False, True):
+        set_fast(model, fast)
+        sec, peak = measure(_train_fn(model, noisy, clean), plain_repeats if not fast else repeats)
+        results["rows"].append({"case": f"train step {'fast' if fast else 'plain'}", "batch": 8,
+                                "sec_per_step": round(sec, 4), "peak_mib": None if peak is None else round(peak, 1)})
+    model.eval()
+
+    pmrid = build_model({"name": "pmrid"})
+    pmrid.eval()
+    pmrid_flops = model_flops(pmrid, (1, 4, 128, 128)) * (side / 128) ** 2
+    for batch in (1, 8):
+        sec, peak = measure(_inference_fn(pmrid, x[batch]), repeats)
+        e = row("pmrid infer", batch, sec, peak)
+        e["gflops"] = round(pmrid_flops / (sec / batch) / 1e9, 2)
+
+    if profile:
+        set_fast(model, True)
+        results["profile_fast"] = profile_ops(model, x[1])
+        set_fast(model, False)
+        results["profile_plain"] = profile_ops(model, x[1])
+    results["ratios"] = _ratios(results["rows"])
+    return results
+
+
+def model_flops(model, shape):
+    """FLOPs (2 x MACs of convs and matmuls) of the plain eval graph, as `megfb params` counts them."""
+    from .submit import export_graph_bytes, graph_costs
+
+    fast = [m.fast for m in model.modules() if hasattr(m, "fast")]
+    set_fast(model, False)
+    try:
+        return graph_costs(export_graph_bytes(model, shape))["flops"]
+    finally:
+        for m, f in zip([m for m in model.modules() if hasattr(m, "fast")], fast):
+            m.fast = f
+
+
+def _ratios(rows):
+    by = {(r["case"], r["batch"]): r for r in rows}
+    out = {}
+    for b in (1, 8):
+        plain = by[("infer plain", b)]["sec_per_patch"]
+        best = min(by[("infer fast", b)]["sec_per_patch"], by[("infer fast+trace", b)]["sec_per_patch"])
+        out[f"infer_speedup_b{b}"] = round(plain / best, 2)
+    out["train_speedup"] = round(by[("train step plain", 8)]["sec_per_step"] / by[("train step fast", 8)]["sec_per_step"], 2)
+    return out
+
+
+def format_table(res):
+    lines = [f"megfb bench  (MegEngine {res['megengine']}, {res['cores']} cores"
+             f"{', quick sizes' if res['quick'] else ''}; {res['params']:,} params, "
+             f"{res['flops_per_patch'] / 1e9:.2f} GFLOPs per 256x256 patch)",
+             f"{'case':<20}{'batch':>6}{'s/patch':>10}{'s/step':>9}{'GFLOP/s':>9}{'peak MiB':>10}"]
+    for r in res["rows"]:
+        lines.append(f"{r['case']:<20}{r['batch']:>6}"
+                     f"{r.get('sec_per_patch', ''):>10}{r.get('sec_per_step', ''):>9}"
+                     f"{r.get('gflops', ''):>9}{'' if r['peak_mib'] is None else r['peak_mib']:>10}")
+    lines.append(f"float32 matmul peak: {res['matmul_peak_gflops']} GFLOP/s")
+    rat = res["ratios"]
+    best_gflops = max(r.get("gflops", 0) for r in res["rows"] if r["case"].startswith("infer fast"))
+    lines.append(f"speed-up fast vs plain: inference x{rat['infer_speedup_b1']} (batch 1), "
+                 f"x{rat['infer_speedup_b8']} (batch 8); training step x{rat['train_speedup']}")
+    lines.append(f"best inference rate: {best_gflops} GFLOP/s = {best_gflops / res['matmul_peak_gflops']:.0%} of matmul peak")
+    lines.append("max relative difference to plain: "
+                 + ", ".join(f"{k} {v:.1e}" for k, v in res["max_rel_diff"].items()))
+    for key in ("profile_fast", "profile_plain"):
+        if key in res:
+            lines.append(f"top operators, {key.split('_')[1]} path (one 256x256 patch):")
+            lines += [f"  {p['op']:<28}{p['ms']:>9.2f} ms {p['share']:>6.1%}  x{p['calls']}" for p in res[key][:8]]
+    return "\n".join(lines)
+
+
+def cmd_bench(args):
+    res = run_bench(repeats=args.repeats, quick=args.quick)
+    print(format_table(res))
+    with atomic_output(args.out) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=2)
+    print(f"wrote {args.out}")
+    worst = max(res["max_rel_diff"].values())
+    if worst > 1e-4:
+        print(f"megfb: error: fast path output differs from plain by {worst:.2e} (relative)")
+        return 1
+    return 0
