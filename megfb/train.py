@@ -312,8 +312,8 @@ def run_training(cfg, restart=False):
         n_params = count_parameters(model)
         print(f"run {run_dir}: {resolved['model']['name']} with {n_params:,} parameters, "
               f"{len(train_idx)} training / {len(val_sel)} validation patches, {iterations} iterations")
-        if val["identity_score"] is None:
-            val["identity_score"], val["identity_psnr"] = score(val_noisy, val_clean)
+        # the floor to beat, on exactly the patches scored below (cheap: numpy on uint16)
+        val["identity_score"], val["identity_psnr"] = score(val_noisy, val_clean)
 
     def payload():
         return {
