@@ -17,7 +17,7 @@ import megengine.module as M
 import numpy as np
 
 from .errors import MegfbError
-from .layers import GFM, DepthwiseConv, PDConvFuse, Pointwise, TransformerBlock, set_fast
+from .layers import GFM, Conv2d, DepthwiseConv, PDConvFuse, Pointwise, TransformerBlock, set_fast
 
 # Statistics of the contest training data on the [0,1] scale, stored in the published weights.
 PUBLISHED_MEAN = (0.08958147, 0.11184454, 0.11297596, 0.09162903)
@@ -103,13 +103,13 @@ class FeedbackRestormer(Standardised):
         c = num_feats
         self.num_steps = num_steps
         self.step_input = step_input
-        self.conv_in = M.Sequential(M.Conv2d(in_channels, c, 5, padding=2),
+        self.conv_in = M.Sequential(Conv2d(in_channels, c, 5, fast=fast),
                                     DepthwiseConv(c, 5, fast=fast), Pointwise(c, c, fast=fast))
         self.block = FeedbackBlock(c, num_blocks, heads, ffn_expansion_factor, num_refine_feats,
                                    num_reroute_feats, reroute, num_steps > 1, ffn_kernel,
                                    ffn_dilation, fast=fast)
         self.conv_out = M.Sequential(DepthwiseConv(c, 5, fast=fast), Pointwise(c, c, fast=fast),
-                                     M.Conv2d(c, in_channels, 5, padding=2))
+                                     Conv2d(c, in_channels, 5, fast=fast))
 
     def forward(self, x):
         x = (x - self.mean) / self.std
