@@ -406,7 +406,6 @@ def run_training(cfg, restart=False):
                 it += 1
                 if ema_on:
                     update_ema(ema, model.state_dict(), ema_decay_at(float(tcfg["ema_decay"]), it - 1))
-                stop.in_step = False
 
                 steps = [float(s.item()) for s in per_step]
                 acc["loss"] += loss_value
@@ -423,6 +422,7 @@ def run_training(cfg, restart=False):
                     log_file.flush()
                     pbar.set_postfix(loss=f"{rec['loss']:.3e}", lr=f"{lr:.2e}")
                     acc = {"loss": 0.0, "steps": None, "n": 0, "t": now}
+                stop.in_step = False  # the iteration and its log line are complete: a safe place to stop
                 if main and (it % val_every == 0 or it == iterations):
                     if not validate():
                         raise KeyboardInterrupt

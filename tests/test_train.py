@@ -121,19 +121,36 @@ def _cli(config, *extra):
     return [sys.executable, "-m", "megfb.cli", "train", "--config", config, *extra]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+def _wait_for_new_checkpoint(proc, path, old_inode=None, timeout=60):
+    """Until `path` exists as a different file than `old_inode` (checkpoints are replaced by rename)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if path.exists() and path.stat().st_ino != old_inode:
+            return
+        time.sleep(0.02)
+
+
+def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     config = tiny_config(tmp_path, iterations=40, val_every=20, ckpt_every=4, ema_decay=0.9)
     latest = tmp_path / "runs" / "tiny" / "latest.mge"
+    # SIGTERM (like Ctrl-C): finish the step, save latest, exit 130
+    proc = subprocess.Popen(_cli(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_new_checkpoint(proc, latest)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate()[0]
+    assert proc.returncode == 130, out
+    termed_at = load_checkpoint(str(latest))["iteration"]
+    assert f"interrupted: saved {latest} at iteration {termed_at}" in out
+    assert 4 <= termed_at < 40
+    # SIGKILL (power cut): no chance to save, the previous checkpoint must do
     proc = subprocess.Popen(_cli(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    _wait_for_new_checkpoint(proc, latest, latest.stat().st_ino)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     snapshot = load_checkpoint(str(latest))
     killed_at = snapshot["iteration"]
-    assert 0 < killed_at < 40
+    assert termed_at < killed_at < 40
 
     # what a resumed run loads is exactly the checkpoint (weights, optimizer, EMA, iteration)
     from megfb.model import build_model
