@@ -1,0 +1,170 @@
+"""Every fast path gives the plain definition's numbers: outputs and parameter/input gradients."""
+import megengine as mge
+import numpy as np
+import pytest
+from megengine.autodiff import GradManager
+
+from megfb.baselines import pixel_shuffle, pixel_unshuffle
+from megfb.layers import (GDFN, MDTA, Conv2d, DepthwiseConv, LayerNorm, PDConvFuse, Pointwise,
+                          TransformerBlock, phases_to_space, set_fast, space_to_phases)
+from megfb.model import build_model
+
+RTOL = 1e-5
+
+
+def _perturb(module, seed=0, scale=0.1):
+    rng = np.random.RandomState(seed)
+    module.load_state_dict({k: v if k in ("mean", "std") else v + rng.randn(*v.shape).astype(np.float32) * scale
+                            for k, v in module.state_dict().items()})
+    return module
+
+
+def _run(module, x, fast, weights=None):
+    """Outputs and gradients (parameters and input) of a fixed random projection of the output."""
+    set_fast(module, fast)
+    params = list(module.parameters())
+    x = mge.Tensor(x)
+    gm = GradManager().attach(params + [x])
+    with gm:
+        outs = module(x)
+        outs = outs if isinstance(outs, list) else [outs]
+        rng = np.random.RandomState(123)
+        loss = sum((o * mge.tensor(rng.randn(*o.shape).astype(np.float32))).sum() for o in outs)
+        gm.backward(loss)
+    grads = {n: p.grad.numpy() for n, p in module.named_parameters()}
+    grads["<input>"] = x.grad.numpy()
+    for p in params:
+        p.grad = None
+    return [o.numpy() for o in outs], grads
+
+
+def _close(a, b, what):
+    scale = max(np.abs(a).max(), 1e-6)
+    err = np.abs(a - b).max() / scale
+    assert err <= RTOL, f"{what}: relative error {err:.2e}"
+
+
+def assert_fast_equals_plain(module, x):
+    outs_plain, grads_plain = _run(module, x, fast=False)
+    outs_fast, grads_fast = _run(module, x, fast=True)
+    for i, (a, b) in enumerate(zip(outs_plain, outs_fast)):
+        _close(a, b, f"output {i}")
+    assert grads_plain.keys() == grads_fast.keys()
+    for name in grads_plain:
+        _close(grads_plain[name], grads_fast[name], f"gradient of {name}")
+
+
+def _x(shape, seed=1):
+    return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 8), (1, 6, 7, 9)])
+def test_dilated_depthwise_polyphase(shape):
+    assert_fast_equals_plain(_perturb(DepthwiseConv(6, 5, dilation=2)), _x(shape))
+
+
+def test_dilation_three_and_no_bias():
+    assert_fast_equals_plain(_perturb(DepthwiseConv(4, 3, dilation=3, bias=False)), _x((2, 4, 10, 11)))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_backward_as_forward_convs(k):
+    assert_fast_equals_plain(_perturb(DepthwiseConv(5, k)), _x((2, 5, 9, 8)))
+
+
+def test_dense_conv_backward_as_forward_convs():
+    assert_fast_equals_plain(_perturb(Conv2d(4, 6, 5)), _x((2, 4, 9, 7)))
+    assert_fast_equals_plain(_perturb(Conv2d(6, 4, 5)), _x((2, 6, 8, 8)))
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_pointwise_as_matmul(b):
+    assert_fast_equals_plain(_perturb(Pointwise(6, 10)), _x((b, 6, 5, 7)))
+    assert_fast_equals_plain(_perturb(Pointwise(6, 3, bias=False)), _x((b, 6, 5, 7)))
+
+
+def test_layernorm_hand_written_backward():
+    x = _x((2, 8, 5, 6)) * 3 + 1
+    assert_fast_equals_plain(_perturb(LayerNorm(8)), x)
+
+
+def test_layernorm_matches_definition():
+    x = _x((2, 8, 5, 6))
+    ln = _perturb(LayerNorm(8))
+    mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    want = (x - mu) / np.sqrt(var + 1e-5) * ln.weight.numpy() + ln.bias.numpy()
+    for fast in (False, True):
+        set_fast(ln, fast)
+        np.testing.assert_allclose(ln(mge.tensor(x)).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_normalised_after_product():
+    assert_fast_equals_plain(_perturb(MDTA(8, 2)), _x((2, 8, 6, 6)))
+
+
+def test_attention_zero_vector_clamps_like_normalize():
+    # an all-zero q/k row must give the same (clamped) result on both paths
+    attn = _perturb(MDTA(8, 2))
+    x = _x((1, 8, 4, 4))
+    x[:, :, :, :] = 0
+    outs = []
+    for fast in (False, True):
+        set_fast(attn, fast)
+        outs.append(attn(mge.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-7)
+
+
+def test_gdfn_and_fusion():
+    assert_fast_equals_plain(_perturb(GDFN(8, 1.2)), _x((2, 8, 8, 8)))
+    assert_fast_equals_plain(_perturb(GDFN(8, 1.2, 3, 1)), _x((2, 8, 8, 8)))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (1, 8, 7, 5)])
+def test_transformer_block_ffn_on_phases(shape):
+    assert_fast_equals_plain(_perturb(TransformerBlock(8, 2, 1.2)), _x(shape))
+
+
+def test_skip_fusion():
+    class Fuse(PDConvFuse):
+        def forward(self, x):
+            return super().forward(x[:, :4], x[:, 4:])
+
+    assert_fast_equals_plain(_perturb(Fuse(4)), _x((2, 8, 6, 6)))
+
+
+@pytest.mark.parametrize("cfg", [{}, {"reroute": "bottom", "step_input": False}])
+def test_whole_model_fast_equals_plain(cfg):
+    model = _perturb(build_model(cfg), scale=0.05)
+    model.train()
+    assert_fast_equals_plain(model, np.abs(_x((2, 4, 16, 16))) * 0.2)
+
+
+def test_whole_model_odd_size_eval():
+    model = _perturb(build_model({}), scale=0.05)
+    model.eval()
+    x = mge.tensor(np.abs(_x((1, 4, 9, 7))) * 0.2)
+    outs = []
+    for fast in (False, True):
+        set_fast(model, fast)
+        outs.append(model(x).numpy())
+    _close(outs[0], outs[1], "odd-size output")
+
+
+def test_set_fast_keeps_state_dict():
+    model = build_model({"fast": True})
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    set_fast(model, False)
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    assert not any(getattr(m, "fast", False) for m in model.modules())
+    assert all(m.fast for m in build_model({}).modules() if hasattr(m, "fast"))
+    assert not any(m.fast for m in build_model({"fast": False}).modules() if hasattr(m, "fast"))
+
+
+def test_phase_and_pixel_shuffles_are_inverses():
+    x = mge.tensor(_x((2, 3, 6, 8)))
+    np.testing.assert_array_equal(phases_to_space(space_to_phases(x, 2), 2).numpy(), x.numpy())
+    np.testing.assert_array_equal(pixel_shuffle(pixel_unshuffle(x)).numpy(), x.numpy())
+    # phase (i, j) of image b is batch entry b*4 + 2i + j
+    np.testing.assert_array_equal(space_to_phases(x, 2).numpy()[4 * 1 + 2 * 1 + 0], x.numpy()[1, :, 1::2, 0::2])
+    # torch's PixelUnshuffle channel order: c*4 + 2i + j
+    np.testing.assert_array_equal(pixel_unshuffle(x).numpy()[:, 2 * 4 + 1], x.numpy()[:, 2, 0::2, 1::2])
