@@ -68,6 +68,9 @@ def build_parser():
 
     p = sub.add_parser("eval", help="score a checkpoint on its validation split (and synthetic test targets)")
     _add_ckpt(p)
+    p.add_argument("--patches", type=int, default=None, metavar="N",
+                   help="score only the first N patches of each set (the trainer's data.val_patches "
+                   "cap takes the same validation patches; default: all)")
     p.set_defaults(func=_handler("submit", "cmd_eval"))
 
     p = sub.add_parser("predict", help="run a checkpoint over a contest-format input .bin")

@@ -157,6 +157,9 @@ def score_rows(model, noisy, clean, batch_size, tta):
 def cmd_eval(args):
     from .io import contest_paths, read_pair
 
+    limit = getattr(args, "patches", None)
+    if limit is not None and limit < 1:
+        raise MegfbError(f"--patches must be at least 1, got {limit}")
     path, model, info = load_for_contest(args)
     cfg = info["config"]
     print(f"checkpoint {describe(path, info)}")
@@ -168,15 +171,18 @@ def cmd_eval(args):
         noisy, clean = read_pair(train_in, train_gt)
         val_idx, source = validation_split(info, cfg, len(noisy))
         note = " (trained on all data: optimistic)" if data.get("train_on_all") else ""
-        print(f"validation: {len(val_idx)} patches of {train_in}, {source}{note}")
-        idx = np.sort(val_idx)
+        idx = np.sort(val_idx[:limit])  # the trainer's val_patches cap takes these same patches
+        part = f"the first {len(idx)} of " if len(idx) < len(val_idx) else ""
+        print(f"validation: {part}{len(val_idx)} patches of {train_in}, {source}{note}")
         results.append(("validation", score_rows(model, noisy[idx], clean[idx], args.batch_size, args.tta)))
     else:
         print(f"validation: skipped, {train_in} / {train_gt} not found")
     test = contest_paths(data["dir"])
     if os.path.isfile(test["test_input"]) and os.path.isfile(test["test_gt"]):
         noisy, clean = read_pair(test["test_input"], test["test_gt"])
-        print(f"synthetic test: {len(noisy)} patches of {test['test_input']}")
+        part = f"the first {min(limit, len(noisy))} of " if limit is not None and limit < len(noisy) else ""
+        print(f"synthetic test: {part}{len(noisy)} patches of {test['test_input']}")
+        noisy, clean = noisy[:limit], clean[:limit]
         results.append(("synthetic test", score_rows(model, noisy, clean, args.batch_size, args.tta)))
     if not results:
         raise MegfbError(f"nothing to score: no training pair or synthetic test targets in {data['dir']}/")

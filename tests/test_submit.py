@@ -157,6 +157,10 @@ def test_eval_trainer_checkpoint(tmp_path, capsys):
     identity = contest_score(noisy[[1, 3]], clean[[1, 3]])
     line = [l for l in out.splitlines() if "identity" in l][0]
     assert f"{identity:.4f}" in line
+    assert main(["eval", "--ckpt", str(ckpt), "--patches", "1"]) == 0  # the trainer's val_patches subset
+    out = capsys.readouterr().out
+    line = [l for l in out.splitlines() if "identity" in l][0]
+    assert "the first 1 of 2 patches" in out and f"{contest_score(noisy[[1]], clean[[1]]):.4f}" in line
     # the same checkpoint submitted with TTA: run name from its config, its validation score kept
     out_dir = tmp_path / "submit"
     assert main(["submit", "--ckpt", str(ckpt), "--tta", "--input", str(data / "competition_train_input.0.2.bin"),
