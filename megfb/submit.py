@@ -203,6 +203,9 @@ def cmd_eval(args):
 def export_graph(model, file, shape=(1, 4, PATCH // 2, PATCH // 2), seed=0, all_steps=False):
     """Trace the eval-mode model and dump it as a deployable MegEngine graph (weights as consts).
 
+    The graph is for the traced batch size only (one patch by default): the fast paths choose
+    their kernels by batch size (a plain GEMM for single patches), so reshapes are baked in.
+
     all_steps traces the train-mode forward (every step's output, same arithmetic), only for
     comparing with module_stats, which runs the eager forward and so counts step outputs
     that the eval graph prunes.
