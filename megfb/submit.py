@@ -567,8 +567,8 @@ def cmd_submit(args):
     path, model, info = load_for_contest(args)
     n_params = check_param_limit(model)  # the contest rule, before any inference
     noisy = read_bin(args.input)
-    if len(noisy) == 0:
-        raise MegfbError(f"{args.input} holds no patches")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise MegfbError(f"--out {args.out} exists and is not a folder")
     name = run_name(path, info)
     print(f"checkpoint {describe(path, info)}: {n_params:,} trainable parameters")
     print(f"input {args.input}: {len(noisy)} patches; predicting{' with TTA' if args.tta else ''}")
