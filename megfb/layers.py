@@ -120,17 +120,22 @@ class Pointwise(M.Conv2d):
 
 
 def space_to_phases(x, d):
-    """(B,C,H,W) -> (B*d*d, C, H/d, W/d): the d x d polyphase sub-images stacked on the batch axis."""
+    """(B,C,H,W) -> (B, C, d*d*H/d, W/d): the d x d polyphase sub-images stacked along the rows.
+
+    Phase (i, j) occupies rows [(i*d + j)*H/d, (i*d + j + 1)*H/d). Stacked in the rows, not
+    the batch, so per-pixel layers see one image (a single GEMM for one patch) and the
+    conv on the phases is a reshape away: (B, C*d*d, H/d, W/d) is the same memory.
+    """
     b, c, h, w = x.shape
-    x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 3, 5, 1, 2, 4)
-    return x.reshape(b * d * d, c, h // d, w // d)
+    x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, c, h * d, w // d)
 
 
 def phases_to_space(x, d):
     """Inverse of space_to_phases."""
-    bdd, c, h, w = x.shape
-    b = bdd // (d * d)
-    x = x.reshape(b, d, d, c, h, w).transpose(0, 3, 4, 1, 5, 2)
+    b, c, hd, w = x.shape
+    h = hd // (d * d)
+    x = x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c, h * d, w * d)
 
 
@@ -152,8 +157,18 @@ class DepthwiseConv(M.Conv2d):
         self.fast = fast
 
     def on_phases(self, x):
-        """The undilated conv on polyphase sub-images (or the whole map when d = 1)."""
-        return same_conv(x, self.weight, self.bias, (self.kernel_size[0] - 1) // 2, self.groups)
+        """The undilated conv on the polyphase sub-images of space_to_phases (B, C, d*d*h, w)."""
+        d, k = self.dilation[0], self.kernel_size[0]
+        if d == 1:
+            return same_conv(x, self.weight, self.bias, (k - 1) // 2, self.groups)
+        b, c, hd, w = x.shape
+        dd = d * d
+        # one group per (channel, phase), every phase of a channel sharing its kernel
+        weight = F.broadcast_to(self.weight.reshape(c, 1, 1, 1, k, k), (c, dd, 1, 1, k, k))
+        y = same_conv(x.reshape(b, c * dd, hd // dd, w), weight.reshape(c * dd, 1, 1, k, k), None,
+                      (k - 1) // 2, c * dd)
+        y = y.reshape(b, c, hd, w)
+        return y if self.bias is None else y + self.bias
 
     def forward(self, x):
         if not self.fast:

@@ -164,7 +164,7 @@ def test_phase_and_pixel_shuffles_are_inverses():
     x = mge.tensor(_x((2, 3, 6, 8)))
     np.testing.assert_array_equal(phases_to_space(space_to_phases(x, 2), 2).numpy(), x.numpy())
     np.testing.assert_array_equal(pixel_shuffle(pixel_unshuffle(x)).numpy(), x.numpy())
-    # phase (i, j) of image b is batch entry b*4 + 2i + j
-    np.testing.assert_array_equal(space_to_phases(x, 2).numpy()[4 * 1 + 2 * 1 + 0], x.numpy()[1, :, 1::2, 0::2])
+    # phase (i, j) fills rows [(2i + j) * H/2, (2i + j + 1) * H/2)
+    np.testing.assert_array_equal(space_to_phases(x, 2).numpy()[:, :, 2 * 3:3 * 3], x.numpy()[:, :, 1::2, 0::2])
     # torch's PixelUnshuffle channel order: c*4 + 2i + j
     np.testing.assert_array_equal(pixel_unshuffle(x).numpy()[:, 2 * 4 + 1], x.numpy()[:, 2, 0::2, 1::2])
