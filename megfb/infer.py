@@ -37,7 +37,8 @@ def predict_packed(model, x, batch_size=8, tta=False, progress=True):
         for i in range(0, len(x), batch_size):
             xb = np.asarray(x[i:i + batch_size], dtype=np.float32)
             if tta:
-                yb = sum(dihedral_packed_inverse(_forward(model, dihedral_packed(xb, k)), k) for k in range(8))
+                yb = sum(dihedral_packed_inverse(_forward(model, dihedral_packed(xb, k)), k)
+                         for k in range(8))
                 out[i:i + len(xb)] = yb / np.float32(8)
             else:
                 out[i:i + len(xb)] = _forward(model, xb)

@@ -1,18 +1,21 @@
 """Building blocks of FBRestormer (and the Restormer it comes from), in plain MegEngine.
 
-Read top-down like the paper: the two conv primitives (each with its fast CPU path beside the
+Read top-down like the paper: the conv primitives (each with its fast CPU path beside the
 plain definition), LayerNorm, MDTA attention, GDFN feed-forward, the TransformerBlock, and the
 two fusion blocks of the feedback body. Key names and shapes follow the published checkpoint
 (see shared/spec/fbrestormer.md); the fast paths use the very same Parameters, so switching
-them never changes a state dict.
+them (`fast=` at construction, `set_fast(module, enabled)` later) never changes a state dict.
 
-Fast paths (MegEngine 1.13 CPU, measured side by side; `megfb bench` repeats the measurement):
-- a depthwise conv with dilation d runs as an undilated conv on the d x d polyphase
-  sub-images (the dilated 5x5 conv is ~45x slower than an undilated one);
-- a 1x1 conv runs as a batched matmul (the Conv2d weight gradient is ~8x slower than the
-  matmul's on CPU);
-- attention normalises q and k after the q @ k^T product (a c x c matrix instead of two
-  c x HW tensors).
+Fast paths (MegEngine 1.13 CPU; measured side by side, see `megfb bench`):
+- conv weight/input gradients computed as forward convs (_SameConv): MegEngine's CPU
+  ConvolutionBackwardFilter was over half of a training step;
+- conv kernels chosen by timing (strategy PROFILE, per op) rather than by heuristic;
+- a depthwise conv with dilation d runs undilated on the d x d polyphase sub-images (the
+  dilated 5x5 conv is ~45x slower); in a TransformerBlock the whole FFN half runs on them;
+- a 1x1 conv runs as a matmul (its Conv2d weight gradient is ~8x slower on CPU);
+- LayerNorm over channels with a hand-written backward (no POW, half the full-size ops);
+- attention normalises q and k after the q @ k^T product (c x c instead of c x HW);
+- F.split instead of channel slices (the gradient is one concat, not zero-fill + set).
 Each is exact up to float rounding; tests/test_layers.py proves it, gradients included.
 """
 import megengine as mge
@@ -40,7 +43,8 @@ def _conv(x, w, padding, groups):
     Set per op, not process-wide via set_execution_strategy: PROFILE breaks MegEngine 1.13's
     BatchedMatrixMul ("needed workspace ...; got: 0") when shapes change.
     """
-    op = builtin.Convolution(pad_h=int(padding), pad_w=int(padding), strategy=builtin.Convolution.Strategy.PROFILE,
+    op = builtin.Convolution(pad_h=int(padding), pad_w=int(padding),
+                             strategy=builtin.Convolution.Strategy.PROFILE,
                              sparse="dense" if groups == 1 else "group")
     return apply(op, x, w)[0]
 
@@ -86,7 +90,8 @@ class Conv2d(M.Conv2d):
     """Dense k x k "same" convolution (conv_in / conv_out); fast path: _SameConv's backward."""
 
     def __init__(self, in_channels, out_channels, kernel_size, bias=True, fast=True):
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                         bias=bias)
         self.fast = fast
 
     def forward(self, x):
@@ -198,7 +203,8 @@ class _ChannelNorm(Function):
     def backward(self, dy):
         xhat = self.xhat
         g = dy * self.weight
-        dx = (g - F.mean(g, axis=1, keepdims=True) - xhat * F.mean(g * xhat, axis=1, keepdims=True)) * self.rstd
+        dx = (g - F.mean(g, axis=1, keepdims=True)
+              - xhat * F.mean(g * xhat, axis=1, keepdims=True)) * self.rstd
         dweight = F.sum(dy * xhat, axis=(0, 2, 3), keepdims=True)
         dbias = F.sum(dy, axis=(0, 2, 3), keepdims=True)
         return dx, dweight, dbias
@@ -243,7 +249,8 @@ class MDTA(M.Module):
         qkv = self.qkv_dwconv(self.qkv(x))
         if self.fast:
             # F.split's gradient is one concat; slicing's is a zero-fill + set per part
-            q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in F.split(qkv, 3, axis=1))
+            q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w)
+                       for t in F.split(qkv, 3, axis=1))
             qn = F.maximum(F.sqrt(F.sum(q * q, axis=-1, keepdims=True)), 1e-12)
             kn = F.maximum(F.sqrt(F.sum(k * k, axis=-1, keepdims=True)), 1e-12)
             scale = self.temperature / F.matmul(qn, kn, transpose_b=True)
@@ -309,7 +316,7 @@ class TransformerBlock(M.Module):
 
 
 class PDConvFuse(M.Module):
-    """Skip fusion in the block chain: concat(current, skip) -> 1x1 (2C->C) -> GELU -> depthwise 3x3."""
+    """Skip fusion in the chain: concat(current, skip) -> 1x1 (2C->C) -> GELU -> depthwise 3x3."""
 
     def __init__(self, dim, fast=True):
         super().__init__()
@@ -334,6 +341,6 @@ class SimpleGateFuse(M.Module):
 
 
 def GFM(num_reroute_feats, dim, fast=True):
-    """Gated fusion of the rerouted features: SimpleGateFuse then a 1x1 conv (keys GFM.0.*, GFM.1.*)."""
+    """Gated fusion of rerouted features: SimpleGateFuse, then 1x1 conv (keys GFM.0.*, GFM.1.*)."""
     return M.Sequential(SimpleGateFuse(num_reroute_feats * dim, dim, fast=fast),
                         Pointwise(dim, dim, fast=fast))

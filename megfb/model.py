@@ -63,8 +63,10 @@ class FeedbackBlock(M.Module):
         self.num_reroute_feats = num_reroute_feats
         self.reroute = reroute
         self.num_skips = num_blocks // 2
-        self.trans_list = [TransformerBlock(dim, heads, expansion, ffn_kernel, ffn_dilation, fast=fast)
-                           for _ in range(num_blocks)]
+        self.trans_list = [
+            TransformerBlock(dim, heads, expansion, ffn_kernel, ffn_dilation, fast=fast)
+            for _ in range(num_blocks)
+        ]
         self.skip_blocks = [PDConvFuse(dim, fast=fast) for _ in range(self.num_skips)]
         # A single-step model never has rerouted features; the published layout then has no GFM.
         self.GFM = GFM(num_reroute_feats, dim, fast=fast) if use_gfm else None
@@ -145,7 +147,8 @@ def resolve_model_config(model_cfg):
     defaults = _defaults(archs[name])
     for key in model_cfg:
         if key not in defaults:
-            raise MegfbError(f"unknown config key 'model.{key}' for {name} (known: {', '.join(defaults)})")
+            raise MegfbError(
+                f"unknown config key 'model.{key}' for {name} (known: {', '.join(defaults)})")
     resolved = {"name": name, **defaults, **model_cfg}
     _check_values(resolved)
     return resolved
@@ -162,8 +165,8 @@ def _check_values(cfg):
         if isinstance(default, int) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(key, "a positive integer")
-        if isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                           or value <= 0):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, float) and (not is_number or value <= 0):
             fail(key, "a positive number")
     if cfg["name"] != "fbrestormer":
         return

@@ -18,8 +18,9 @@ TINY = {"num_feats": 8, "heads": 2, "num_blocks": 3, "num_steps": 2}
 def _tiny(seed=0):
     model = build_model(TINY)
     rng = np.random.RandomState(seed)
-    model.load_state_dict({k: v if k in ("mean", "std") else v + rng.randn(*v.shape).astype(np.float32) * 0.1
-                           for k, v in model.state_dict().items()})
+    model.load_state_dict({
+        k: v if k in ("mean", "std") else v + rng.randn(*v.shape).astype(np.float32) * 0.1
+        for k, v in model.state_dict().items()})
     return model
 
 
@@ -77,7 +78,8 @@ def test_predict_bin_writes_rounded_uint16(tmp_path):
 
 def _args(tmp_path, **kw):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("model: {name: fbrestormer, num_feats: 8, heads: 2, num_blocks: 3, num_steps: 2}\n")
+    cfg.write_text("model: {name: fbrestormer, num_feats: 8, heads: 2, num_blocks: 3, "
+                   "num_steps: 2}\n")
     base = dict(ckpt=str(tmp_path / "w.mge"), config=str(cfg), input=str(tmp_path / "in.bin"),
                 output=str(tmp_path / "out.bin"), batch_size=2, tta=False)
     base.update(kw)
@@ -104,7 +106,8 @@ def test_cli_bad_input_leaves_no_output(tmp_path, capsys):
     mge.save(_tiny().state_dict(), str(tmp_path / "w.mge"))
     (tmp_path / "in.bin").write_bytes(b"\0" * 1000)
     a = _args(tmp_path)
-    code = main(["predict", "--ckpt", a.ckpt, "--config", a.config, "--input", a.input, "--output", a.output])
+    code = main(["predict", "--ckpt", a.ckpt, "--config", a.config, "--input", a.input,
+                 "--output", a.output])
     assert code == 1
     assert "in.bin" in capsys.readouterr().err
     assert not (tmp_path / "out.bin").exists()

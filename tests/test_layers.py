@@ -14,8 +14,9 @@ RTOL = 1e-5
 
 def _perturb(module, seed=0, scale=0.1):
     rng = np.random.RandomState(seed)
-    module.load_state_dict({k: v if k in ("mean", "std") else v + rng.randn(*v.shape).astype(np.float32) * scale
-                            for k, v in module.state_dict().items()})
+    module.load_state_dict({
+        k: v if k in ("mean", "std") else v + rng.randn(*v.shape).astype(np.float32) * scale
+        for k, v in module.state_dict().items()})
     return module
 
 
@@ -64,7 +65,8 @@ def test_dilated_depthwise_polyphase(shape):
 
 
 def test_dilation_three_and_no_bias():
-    assert_fast_equals_plain(_perturb(DepthwiseConv(4, 3, dilation=3, bias=False)), _x((2, 4, 10, 11)))
+    conv = _perturb(DepthwiseConv(4, 3, dilation=3, bias=False))
+    assert_fast_equals_plain(conv, _x((2, 4, 10, 11)))
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -165,6 +167,8 @@ def test_phase_and_pixel_shuffles_are_inverses():
     np.testing.assert_array_equal(phases_to_space(space_to_phases(x, 2), 2).numpy(), x.numpy())
     np.testing.assert_array_equal(pixel_shuffle(pixel_unshuffle(x)).numpy(), x.numpy())
     # phase (i, j) fills rows [(2i + j) * H/2, (2i + j + 1) * H/2)
-    np.testing.assert_array_equal(space_to_phases(x, 2).numpy()[:, :, 2 * 3:3 * 3], x.numpy()[:, :, 1::2, 0::2])
+    np.testing.assert_array_equal(space_to_phases(x, 2).numpy()[:, :, 2 * 3:3 * 3],
+                                  x.numpy()[:, :, 1::2, 0::2])
     # torch's PixelUnshuffle channel order: c*4 + 2i + j
-    np.testing.assert_array_equal(pixel_unshuffle(x).numpy()[:, 2 * 4 + 1], x.numpy()[:, 2, 0::2, 1::2])
+    np.testing.assert_array_equal(pixel_unshuffle(x).numpy()[:, 2 * 4 + 1],
+                                  x.numpy()[:, 2, 0::2, 1::2])
