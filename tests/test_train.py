@@ -29,8 +29,8 @@ def write_tiny_data(folder, n=10, sigma=2500.0, seed=0):
                       for _ in range(n)])
     noisy = clean + rng.normal(0, sigma, clean.shape)
     os.makedirs(folder, exist_ok=True)
-    write_bin(os.path.join(folder, "competition_train_input.0.2.bin"), np.clip(noisy, 0, 65535).round().astype(np.uint16))
-    write_bin(os.path.join(folder, "competition_train_gt.0.2.bin"), np.clip(clean, 0, 65535).round().astype(np.uint16))
+    for name, x in (("competition_train_input.0.2.bin", noisy), ("competition_train_gt.0.2.bin", clean)):
+        write_bin(os.path.join(folder, name), np.clip(x, 0, 65535).round().astype(np.uint16))
 
 
 def tiny_config(tmp_path, **train):
@@ -131,7 +131,13 @@ def _wait_for_new_checkpoint(proc, path, old_inode=None, timeout=60):
 
 
 def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    config = tiny_config(tmp_path, iterations=40, val_every=20, ckpt_every=4, ema_decay=0.9)
+    config = tiny_config(tmp_path, iterations=24, val_every=12, ckpt_every=4, ema_decay=0.9)
+    # The fast paths let MegEngine pick conv kernels by timing (strategy PROFILE), so two
+    # processes may run different kernels and drift apart by float rounding; the plain path's
+    # kernels are fixed, which makes a resumed run bit-identical to an uninterrupted one.
+    cfg = yaml.safe_load(open(config))
+    cfg["model"]["fast"] = False
+    open(config, "w").write(yaml.safe_dump(cfg))
     latest = tmp_path / "runs" / "tiny" / "latest.mge"
     # SIGTERM (like Ctrl-C): finish the step, save latest, exit 130
     proc = subprocess.Popen(_cli(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,7 +147,7 @@ def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert proc.returncode == 130, out
     termed_at = load_checkpoint(str(latest))["iteration"]
     assert f"interrupted: saved {latest} at iteration {termed_at}" in out
-    assert 4 <= termed_at < 40
+    assert 4 <= termed_at < 24
     # SIGKILL (power cut): no chance to save, the previous checkpoint must do
     proc = subprocess.Popen(_cli(config), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _wait_for_new_checkpoint(proc, latest, latest.stat().st_ino)
@@ -150,7 +156,7 @@ def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     snapshot = load_checkpoint(str(latest))
     killed_at = snapshot["iteration"]
-    assert termed_at < killed_at < 40
+    assert termed_at < killed_at < 24
 
     # what a resumed run loads is exactly the checkpoint (weights, optimizer, EMA, iteration)
     from megfb.model import build_model
@@ -171,14 +177,14 @@ def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert done.returncode == 0, done.stdout
     assert f"resuming from {latest} at iteration {killed_at}" in done.stdout
     resumed = load_checkpoint(str(latest))
-    assert resumed["iteration"] == 40
+    assert resumed["iteration"] == 24
     log = [yaml.safe_load(line) for line in open(latest.parent / "log.jsonl")]
-    assert [r["iteration"] for r in log if "loss" in r] == list(range(1, 41))  # no gap, no duplicate
+    assert [r["iteration"] for r in log if "loss" in r] == list(range(1, 25))  # no gap, no duplicate
 
     straight = trainer.train(load_config(config, ["name=straight"]))
-    assert straight["iterations"] == 40
+    assert straight["iterations"] == 24
     reference = load_checkpoint(str(tmp_path / "runs" / "straight" / "latest.mge"))
-    # MegEngine's CPU kernels proved deterministic here: resumed == uninterrupted, bit for bit.
+    # resumed == uninterrupted, bit for bit (plain path: fixed CPU kernels, deterministic)
     for key in ("model", "ema"):
         for name, value in reference[key].items():
             np.testing.assert_array_equal(resumed[key][name], value, err_msg=f"{key}.{name}")
