@@ -31,7 +31,9 @@ def _add_ckpt(p, required=False, what="checkpoint"):
                    + ("" if required else " (default: best checkpoint of the newest run)"))
     p.add_argument("--config", metavar="YAML",
                    help="model config for a plain state dict (default: the FBRestormer defaults)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="patches per forward pass")
+    # One patch per forward is fastest on this project's 2-core CPU (0.30 vs 0.36 s per patch
+    # at batch 8) and the dumped graph is single-patch; raise it on a GPU.
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="patches per forward pass (default 1)")
     p.add_argument("--tta", action="store_true",
                    help="self-ensemble over the 8 CFA-preserving flips/rotations")
 

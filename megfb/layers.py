@@ -9,7 +9,7 @@ them (`fast=` at construction, `set_fast(module, enabled)` later) never changes 
 Fast paths (MegEngine 1.13 CPU; measured side by side, see `megfb bench`):
 - conv weight/input gradients computed as forward convs (_SameConv): MegEngine's CPU
   ConvolutionBackwardFilter was over half of a training step;
-- conv kernels chosen by timing (strategy PROFILE, per op) rather than by heuristic;
+- in eval mode, conv kernels chosen by timing (strategy PROFILE, per op), not by heuristic;
 - a depthwise conv with dilation d runs undilated on the d x d polyphase sub-images (the
   dilated 5x5 conv is ~45x slower); in a TransformerBlock the whole FFN half runs on them;
 - a 1x1 conv runs as a matmul (its Conv2d weight gradient is ~8x slower on CPU);
@@ -35,16 +35,18 @@ def set_fast(module, enabled):
     return module
 
 
-def _conv(x, w, padding, groups):
-    """F.conv2d (stride 1, no dilation) with MegEngine's kernel chosen by timing, not guessed.
+def _conv(x, w, padding, groups, tune=False):
+    """F.conv2d (stride 1, no dilation); with `tune`, MegEngine's kernel is chosen by timing.
 
-    Strategy PROFILE times the candidate algorithms once per new shape: the dense 5x5 conv_out
-    conv drops from ~70 ms to ~6 ms per patch and the fast model runs ~1.6x faster once warm.
-    Set per op, not process-wide via set_execution_strategy: PROFILE breaks MegEngine 1.13's
-    BatchedMatrixMul ("needed workspace ...; got: 0") when shapes change.
+    Strategy PROFILE times the candidate algorithms once per new shape: in inference the
+    dense 5x5 conv_out conv drops from ~70 ms to ~6 ms and a patch runs ~14% faster once warm
+    (0.296 vs 0.343 s, measured side by side). In training it buys nothing measurable but the
+    first step pays ~80 s of timing (the backward's transposed shapes), so only eval-mode
+    forward passes use it. Set per op, not process-wide via set_execution_strategy: PROFILE
+    breaks MegEngine 1.13's BatchedMatrixMul ("needed workspace ...; got: 0") when shapes change.
     """
-    op = builtin.Convolution(pad_h=int(padding), pad_w=int(padding),
-                             strategy=builtin.Convolution.Strategy.PROFILE,
+    strategy = builtin.Convolution.Strategy.PROFILE if tune else builtin.Convolution.Strategy.HEURISTIC
+    op = builtin.Convolution(pad_h=int(padding), pad_w=int(padding), strategy=strategy,
                              sparse="dense" if groups == 1 else "group")
     return apply(op, x, w)[0]
 
@@ -59,13 +61,13 @@ class _SameConv(Function):
     kernel (the batch becomes the reduction axis).
     """
 
-    def __init__(self, padding, groups):
+    def __init__(self, padding, groups, tune=False):
         super().__init__()
-        self.padding, self.groups = padding, groups
+        self.padding, self.groups, self.tune = padding, groups, tune
 
     def forward(self, x, w):
         self.x, self.w = x, w
-        return _conv(x, w, self.padding, self.groups)
+        return _conv(x, w, self.padding, self.groups, self.tune)
 
     def backward(self, dy):
         x, w, p, g = self.x, self.w, self.padding, self.groups
@@ -81,8 +83,8 @@ class _SameConv(Function):
         return dx, _conv(xt, dyt, p, g).reshape(w.shape)
 
 
-def same_conv(x, w, bias, padding, groups):
-    y = _SameConv(padding, groups)(x, w)
+def same_conv(x, w, bias, padding, groups, tune=False):
+    y = _SameConv(padding, groups, tune)(x, w)
     return y if bias is None else y + bias
 
 
@@ -97,7 +99,7 @@ class Conv2d(M.Conv2d):
     def forward(self, x):
         if not self.fast:
             return super().forward(x)
-        return same_conv(x, self.weight, self.bias, self.padding[0], 1)
+        return same_conv(x, self.weight, self.bias, self.padding[0], 1, tune=not self.training)
 
 
 class Pointwise(M.Conv2d):
@@ -165,13 +167,13 @@ class DepthwiseConv(M.Conv2d):
         """The undilated conv on the polyphase sub-images of space_to_phases (B, C, d*d*h, w)."""
         d, k = self.dilation[0], self.kernel_size[0]
         if d == 1:
-            return same_conv(x, self.weight, self.bias, (k - 1) // 2, self.groups)
+            return same_conv(x, self.weight, self.bias, (k - 1) // 2, self.groups, tune=not self.training)
         b, c, hd, w = x.shape
         dd = d * d
         # one group per (channel, phase), every phase of a channel sharing its kernel
         weight = F.broadcast_to(self.weight.reshape(c, 1, 1, 1, k, k), (c, dd, 1, 1, k, k))
         y = same_conv(x.reshape(b, c * dd, hd // dd, w), weight.reshape(c * dd, 1, 1, k, k), None,
-                      (k - 1) // 2, c * dd)
+                      (k - 1) // 2, c * dd, tune=not self.training)
         y = y.reshape(b, c, hd, w)
         return y if self.bias is None else y + self.bias
 

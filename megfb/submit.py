@@ -17,7 +17,6 @@ the largest total size of the graph's tensors alive at once when its operators r
 (views share their source's storage, weights excluded) - a deterministic estimate, since
 MegEngine 1.13 reports no allocator peak on CPU.
 """
-import contextlib
 import datetime
 import glob
 import hashlib
@@ -89,33 +88,13 @@ def describe(path, info):
 # Prediction in contest units
 
 
-@contextlib.contextmanager
-def synchronous_dispatch():
-    """Run MegEngine's eager ops synchronously while predicting a whole file.
-
-    With the default asynchronous dispatch a forward's temporaries pile up ahead of the worker:
-    measured on this CPU, FBRestormer's resident memory grows from 0.4 to 1.4 GB after the
-    second 1-patch forward, 2.6 GB for TTA over 2 patches and ~10 GB for `eval --tta` on 4;
-    synchronous, 0.6 GB for TTA on 2 and 1.5 GB for TTA on 8 (batch 8), about 10% slower.
-    """
-    import megengine as mge
-
-    old = mge.config.async_level
-    mge.config.async_level = 0
-    try:
-        yield
-    finally:
-        mge.config.async_level = old
-
-
-def predict_mosaics(model, noisy, batch_size=8, tta=False, progress=True):
+def predict_mosaics(model, noisy, batch_size=1, tta=False, progress=True):
     """uint16 mosaics (N,256,256) -> uint16 predictions, exactly as result.bin stores them."""
     from .infer import predict_packed
     from .io import mosaic_to_packed, packed_to_mosaic
 
-    with synchronous_dispatch():
-        pred = predict_packed(model, mosaic_to_packed(noisy), batch_size=batch_size, tta=tta,
-                              progress=progress)
+    pred = predict_packed(model, mosaic_to_packed(noisy), batch_size=batch_size, tta=tta,
+                          progress=progress)
     return packed_to_mosaic(pred)
 
 

@@ -76,7 +76,10 @@ def test_submit_zip_members_and_graph(tiny, tmp_path):
     model = tiny["model"]
     model.eval()
     expected = submit.predict_mosaics(model, tiny["noisy"], progress=False)
-    np.testing.assert_array_equal(result.reshape(2, 256, 256), expected)
+    # Eval-mode convs pick MegEngine kernels by timing, and two equally exact kernels can
+    # round the last float bit differently: a few values may land 1 DN apart, never more.
+    diff = np.abs(result.reshape(2, 256, 256).astype(np.int64) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     # the dumped graph, loaded back, reproduces the eager output
     x = mosaic_to_packed(tiny["noisy"])
     eager = model(mge.tensor(x)).numpy()
