@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -66,6 +67,14 @@ def measure(fn, repeats, warmup=1):
     hwm = dict(zip(("hwm", "rss"), _read_hwm_kib())).get("hwm", 0)
     peak_mib = (hwm - rss_before) / 1024 if resettable else None
     return statistics.median(times), peak_mib
+
+
+_START = time.perf_counter()
+
+
+def _progress(what):
+    """One line per case on stderr: the whole run takes minutes, most of it the plain path."""
+    print(f"[{time.perf_counter() - _START:6.0f} s] {what}", file=sys.stderr, flush=True)
 
 
 def _inference_fn(model, x):
@@ -139,10 +148,12 @@ def run_bench(repeats=5, quick=False, profile=True):
     rng = np.random.default_rng(0)
     side = 32 if quick else 128  # packed side: 128 = one 256x256 raw patch
     crop = 16 if quick else 64  # packed side of a 128x128 raw training crop
-    plain_repeats = max(1, min(repeats, 2 if quick else 3))
+    # the plain path is the slow reference (~25 s per training step): fewer repeats for it
+    plain_repeats = max(1, min(repeats, 2))
     results = {"version": __version__, "megengine": mge.__version__, "machine": platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "quick": quick, "rows": []}
 
+    _progress("building the model, counting FLOPs, measuring the matmul peak")
     model = build_model({"name": "fbrestormer", "fast": False})
     model.eval()
     flops = model_flops(model, (1, 4, 128, 128))
@@ -163,18 +174,21 @@ def run_bench(repeats=5, quick=False, profile=True):
     x = {b: mge.tensor(rng.random((b, 4, side, side), dtype=np.float32)) for b in (1, 8)}
     outputs = {}
     for batch in (1, 8):
+        # each path's first call gives the output compared below and doubles as its warm-up
+        _progress(f"inference, batch {batch}: plain")
         set_fast(model, False)
-        outputs["plain", batch] = model(x[batch]).numpy()
-        sec, peak = measure(_inference_fn(model, x[batch]), plain_repeats)
-        row("infer plain", batch, sec, peak)
+        plain = _inference_fn(model, x[batch])
+        outputs["plain", batch] = plain()
+        row("infer plain", batch, *measure(plain, plain_repeats, warmup=0))
+        _progress(f"inference, batch {batch}: fast")
         set_fast(model, True)
-        outputs["fast", batch] = model(x[batch]).numpy()
-        sec, peak = measure(_inference_fn(model, x[batch]), repeats)
-        row("infer fast", batch, sec, peak)
+        fast = _inference_fn(model, x[batch])
+        outputs["fast", batch] = fast()
+        row("infer fast", batch, *measure(fast, repeats, warmup=0))
+        _progress(f"inference, batch {batch}: fast, traced")
         traced = _traced_fn(model, x[batch])
         outputs["traced", batch] = traced()
-        sec, peak = measure(traced, repeats)
-        row("infer fast+trace", batch, sec, peak)
+        row("infer fast+trace", batch, *measure(traced, repeats))
 
     ref = np.abs(outputs["plain", 8]).max()
     results["max_rel_diff"] = {
@@ -186,12 +200,14 @@ def run_bench(repeats=5, quick=False, profile=True):
     noisy = mge.tensor(rng.random((8, 4, crop, crop), dtype=np.float32))
     clean = mge.tensor(rng.random((8, 4, crop, crop), dtype=np.float32))
     for fast in (False, True):
+        _progress(f"training step, batch 8: {'fast' if fast else 'plain'}")
         set_fast(model, fast)
         sec, peak = measure(_train_fn(model, noisy, clean), plain_repeats if not fast else repeats)
         results["rows"].append({"case": f"train step {'fast' if fast else 'plain'}", "batch": 8,
                                 "sec_per_step": round(sec, 4), "peak_mib": None if peak is None else round(peak, 1)})
     model.eval()
 
+    _progress("PMRID-style baseline")
     pmrid = build_model({"name": "pmrid"})
     pmrid.eval()
     pmrid_flops = model_flops(pmrid, (1, 4, 128, 128)) * (side / 128) ** 2
@@ -201,6 +217,7 @@ def run_bench(repeats=5, quick=False, profile=True):
         e["gflops"] = round(pmrid_flops / (sec / batch) / 1e9, 2)
 
     if profile:
+        _progress("operator profiles")
         set_fast(model, True)
         results["profile_fast"] = profile_ops(model, x[1])
         set_fast(model, False)

@@ -583,8 +583,8 @@ def cmd_submit(args):
             "graph_input": {"name": GRAPH_INPUT, "shape": [1, 4, PATCH // 2, PATCH // 2],
                             "scale": "packed Bayer (0,0),(0,1),(1,0),(1,1), uint16 / 65535"},
             "graph_max_abs_diff": diff,
-            "graph_note": "the single-pass network" + ("; result.bin averages it over the 8 CFA-safe "
-                                                       "flips/rotations (TTA)" if args.tta else ""),
+            "graph_note": "one forward pass of the network, no self-ensemble"
+            + ("; result.bin averages it over the 8 CFA-safe flips/rotations (TTA)" if args.tta else ""),
             "fast_paths": any(getattr(m, "fast", False) for m in model.modules()),
             "validation_score": score if info["kind"] == "trainer" else None,
             "validation": _jsonable(val) if info["kind"] == "trainer" else None,
