@@ -24,7 +24,8 @@ from megengine.jit import trace
 
 from . import __version__
 from .atomic import atomic_output
-from .layers import set_fast
+from .errors import MegfbError
+from .layers import fast_paths_restored, set_fast
 from .model import build_model, count_parameters
 
 
@@ -230,13 +231,9 @@ def model_flops(model, shape):
     """FLOPs (2 x MACs of convs and matmuls) of the plain eval graph, as `megfb params` counts them."""
     from .submit import export_graph_bytes, graph_costs
 
-    fast = [m.fast for m in model.modules() if hasattr(m, "fast")]
-    set_fast(model, False)
-    try:
+    with fast_paths_restored(model):
+        set_fast(model, False)
         return graph_costs(export_graph_bytes(model, shape))["flops"]
-    finally:
-        for m, f in zip([m for m in model.modules() if hasattr(m, "fast")], fast):
-            m.fast = f
 
 
 def _ratios(rows):
@@ -283,6 +280,4 @@ def cmd_bench(args):
     print(f"wrote {args.out}")
     worst = max(res["max_rel_diff"].values())
     if worst > 1e-4:
-        print(f"megfb: error: fast path output differs from plain by {worst:.2e} (relative)")
-        return 1
-    return 0
+        raise MegfbError(f"fast path output differs from plain by {worst:.2e} (relative); see {args.out}")

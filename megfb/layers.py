@@ -18,6 +18,8 @@ Fast paths (MegEngine 1.13 CPU; measured side by side, see `megfb bench`):
 - F.split instead of channel slices (the gradient is one concat, not zero-fill + set).
 Each is exact up to float rounding; tests/test_layers.py proves it, gradients included.
 """
+import contextlib
+
 import megengine as mge
 import megengine.functional as F
 import megengine.module as M
@@ -33,6 +35,18 @@ def set_fast(module, enabled):
         if hasattr(m, "fast"):
             m.fast = bool(enabled)
     return module
+
+
+@contextlib.contextmanager
+def fast_paths_restored(module):
+    """Let a block of code switch fast paths freely; every switch is put back as it was after."""
+    switches = [m for m in module.modules() if hasattr(m, "fast")]
+    saved = [m.fast for m in switches]
+    try:
+        yield module
+    finally:
+        for m, fast in zip(switches, saved):
+            m.fast = fast
 
 
 def _conv(x, w, padding, groups, tune=False):

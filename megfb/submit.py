@@ -23,9 +23,7 @@ import hashlib
 import io
 import json
 import os
-import statistics
 import tempfile
-import time
 import zipfile
 
 import numpy as np
@@ -395,29 +393,18 @@ def constant_buffers(model):
             for k, v in model.state_dict().items() if k not in params]
 
 
-def time_per_patch(fn, x, repeats=5):
-    fn(x)  # warm-up: kernel selection, allocator
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def model_report(model, timing=True, side=PATCH // 2):
     """Everything `megfb params` prints, as a dict (the model is left in eval mode, paths as they were)."""
     import megengine as mge
 
-    from .layers import set_fast
+    from .bench import measure
+    from .layers import fast_paths_restored, set_fast
     from .model import count_parameters
 
     model.eval()
     shape = (1, 4, side, side)
-    switches = [m for m in model.modules() if hasattr(m, "fast")]
-    was_fast = [m.fast for m in switches]
     report = {"params": count_parameters(model), "shape": shape}
-    try:
+    with fast_paths_restored(model):
         set_fast(model, False)
         report["plain"] = graph_costs(export_graph_bytes(model, shape))
         report["plain_all_steps"] = graph_costs(export_graph_bytes(model, shape, all_steps=True))
@@ -427,11 +414,10 @@ def model_report(model, timing=True, side=PATCH // 2):
         report["fast"] = graph_costs(fast_graph)
         if timing:
             x = np.random.default_rng(0).random(shape, dtype=np.float32)
-            report["eager_s"] = time_per_patch(lambda a: model(mge.tensor(a)).numpy(), x)
-            report["graph_s"] = time_per_patch(DumpedGraph(fast_graph), x)
-    finally:
-        for m, f in zip(switches, was_fast):
-            m.fast = f
+            # median of 5 after a warm-up (kernel selection, allocator), as `megfb bench` times
+            report["eager_s"] = measure(lambda: model(mge.tensor(x)).numpy(), repeats=5)[0]
+            graph = DumpedGraph(fast_graph)
+            report["graph_s"] = measure(lambda: graph(x), repeats=5)[0]
     return report
 
 
