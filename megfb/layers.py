@@ -11,14 +11,20 @@ Fast paths (MegEngine 1.13 CPU; measured side by side, see `megfb bench`):
   ConvolutionBackwardFilter was over half of a training step;
 - in eval mode, conv kernels chosen by timing (strategy PROFILE, per op), not by heuristic;
 - a depthwise conv with dilation d runs undilated on the d x d polyphase sub-images (the
-  dilated 5x5 conv is ~45x slower); in a TransformerBlock the whole FFN half runs on them;
-- a 1x1 conv runs as a matmul (its Conv2d weight gradient is ~8x slower on CPU);
-- LayerNorm over channels with a hand-written backward (no POW, half the full-size ops);
-- attention normalises q and k after the q @ k^T product (c x c instead of c x HW);
+  dilated 5x5 conv is ~45x slower); in a TransformerBlock the whole FFN half runs on them, and
+  in eval mode one-hot stride-d convs move the pixels (3x faster than the strided relayout);
+- a 1x1 conv runs as a matmul in training (its Conv2d weight gradient is ~8x slower on CPU) and
+  as a timed-kernel conv with fused bias in eval (~2x faster than the matmul);
+- LayerNorm over channels with a hand-written backward (no POW, half the full-size ops); in
+  eval its affine part is folded into the 1x1 conv that follows it;
+- GELU from vectorised kernels (a fitted sigmoid form; MegEngine's erf is scalar code);
+- attention normalises q and k after the q @ k^T product (c x c instead of c x HW) and folds
+  the attention matrices into project_out's weight (attn @ v disappears);
 - F.split instead of channel slices (the gradient is one concat, not zero-fill + set).
 Each is exact up to float rounding; tests/test_layers.py proves it, gradients included.
 """
 import contextlib
+import math
 
 import megengine as mge
 import megengine.functional as F
@@ -58,11 +64,87 @@ def _conv(x, w, padding, groups, tune=False):
     first step pays ~80 s of timing (the backward's transposed shapes), so only eval-mode
     forward passes use it. Set per op, not process-wide via set_execution_strategy: PROFILE
     breaks MegEngine 1.13's BatchedMatrixMul ("needed workspace ...; got: 0") when shapes change.
+    MegEngine caches the chosen kernel per shape and parameters but not per strategy: whichever
+    strategy meets a shape first decides for the whole process (`bench` clears the cache
+    between paths for that reason).
     """
     strategy = builtin.Convolution.Strategy.PROFILE if tune else builtin.Convolution.Strategy.HEURISTIC
     op = builtin.Convolution(pad_h=int(padding), pad_w=int(padding), strategy=strategy,
                              sparse="dense" if groups == 1 else "group")
     return apply(op, x, w)[0]
+
+
+def _elemwise(mode, *inputs):
+    return apply(builtin.Elemwise(mode=mode), *inputs)[0]
+
+
+def _reduce(mode, x, axis):
+    return apply(builtin.Reduce(mode=mode, axis=axis, keepdim=True), x)[0]
+
+
+def fit_gelu_logit_poly(degree=6, x_max=6.0, n=20000, rounds=80):
+    """Coefficients c_0..c_degree with logit(Phi(x)) ~= x * sum_k c_k (x*x)**k on [0, x_max].
+
+    logit(Phi) is odd, so one side suffices. The error is weighted by x^2 Phi (1 - Phi), the
+    sensitivity of gelu(x) = x Phi(x) to it, and Lawson's reweighting turns the least-squares
+    fit into a near-minimax one. This is how GELU_LOGIT_POLY below was obtained (a test re-runs
+    it). No clamp is needed past x_max: the fitted polynomial stays above c_0 for every x*x >= 0,
+    so x * poly keeps growing and sigmoid saturates (Phi(5.3) is already 1 in float32).
+    """
+    xs = np.linspace(x_max / n, x_max, n)
+    upper = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in xs])  # Phi(x)
+    lower = np.array([0.5 * math.erfc(v / math.sqrt(2)) for v in xs])  # 1 - Phi(x), no cancellation
+    target = (np.log(upper) - np.log(lower)) / xs
+    weight = xs * xs * upper * lower
+    vander = np.vander(xs * xs, degree + 1, increasing=True)
+    focus = np.ones_like(xs)
+    for _ in range(rounds):
+        coef = np.linalg.lstsq(vander * (weight * focus)[:, None], target * weight * focus,
+                               rcond=None)[0]
+        err = np.abs(vander @ coef - target) * weight
+        focus = focus * np.sqrt(err / err.max()) + 1e-15
+        focus /= focus.max()
+    return coef
+
+
+GELU_LOGIT_POLY = (1.5957685, 0.072668567, -6.6259374e-05, -0.0001104805, 7.9382444e-06,
+                   -2.6689435e-07, 3.6112671e-09)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class _GELU(Function):
+    """gelu(x) = x Phi(x) from vectorised kernels: Phi(x) = sigmoid(x * poly(x*x)).
+
+    MegEngine 1.13's CPU GELU (and ERF, GELU_GRAD) evaluates erf one element at a time: ~10x
+    slower than SIGMOID or a fused multiply-add on the same map, and a fifth of a fast-path
+    forward pass. The polynomial (GELU_LOGIT_POLY) matches logit(Phi) to 7e-8 in gelu, below
+    float32 rounding of the values it multiplies. The backward is the exact derivative
+    Phi(x) + x * exp(-x^2/2) / sqrt(2 pi), with EXP (vectorised) for the normal density.
+    """
+
+    def forward(self, x):
+        t = x * x
+        c = GELU_LOGIT_POLY
+        p = _elemwise("FUSE_MUL_ADD3", t, _const(c[-1]), _const(c[-2]))
+        for coef in c[-3::-1]:
+            p = _elemwise("FUSE_MUL_ADD3", p, t, _const(coef))
+        self.x = x
+        self.phi = F.sigmoid(p * x)
+        return x * self.phi
+
+    def backward(self, dy):
+        x = self.x
+        density = F.exp(x * x * -0.5) * _INV_SQRT_2PI
+        return dy * _elemwise("FUSE_MUL_ADD3", x, density, self.phi)
+
+
+def _const(value):
+    return mge.tensor(np.float32(value))
+
+
+def gelu(x, fast=True):
+    """F.gelu, or the same function through vectorised kernels (`_GELU`) on the fast path."""
+    return _GELU()(x) if fast else F.gelu(x)
 
 
 class _SameConv(Function):
@@ -117,10 +199,13 @@ class Conv2d(M.Conv2d):
 
 
 class Pointwise(M.Conv2d):
-    """1x1 convolution; the fast path is the same product written as a batched matmul.
+    """1x1 convolution. Fast paths: in training the same product as a matmul, in eval mode the
+    conv with its kernel chosen by timing.
 
     MegEngine's CPU Conv2d weight gradient is the training bottleneck (a 152->152 1x1 conv on
-    8x64x64: 1.9 s forward+backward as Conv2d, 0.24 s as a matmul).
+    8x64x64: 1.9 s forward+backward as Conv2d, 0.24 s as a matmul). Forward only, the other way
+    round: the 1x1 conv kernel chosen by timing runs at ~80-120 GFLOP/s on this CPU, F.matmul at
+    ~45 (96x32 on 128x128: 1.2 vs 2.3 ms); with a bias it is one fused ConvBias op.
     """
 
     def __init__(self, in_channels, out_channels, bias=True, fast=True):
@@ -130,6 +215,8 @@ class Pointwise(M.Conv2d):
     def forward(self, x):
         if not self.fast:
             return super().forward(x)
+        if not self.training:
+            return pointwise_eval(x, self.weight, self.bias)
         b, c, h, w = x.shape
         weight = self.weight.reshape(self.out_channels, c)
         if b == 1:  # a plain GEMM beats the broadcast batched one (~1.5x, single patches)
@@ -140,24 +227,52 @@ class Pointwise(M.Conv2d):
         return y if self.bias is None else y + self.bias
 
 
-def space_to_phases(x, d):
+def pointwise_eval(x, weight, bias=None):
+    """1x1 conv for inference: kernel chosen by timing, bias fused (ConvBias) when there is one."""
+    if bias is None:
+        return _conv(x, weight, 0, 1, tune=True)
+    op = builtin.ConvBias(nonlineMode="IDENTITY", strategy=builtin.Convolution.Strategy.PROFILE,
+                          dtype=x.dtype)
+    return apply(op, x, weight, bias)[0]
+
+
+def space_to_phases(x, d, by_conv=False):
     """(B,C,H,W) -> (B, C, d*d*H/d, W/d): the d x d polyphase sub-images stacked along the rows.
 
     Phase (i, j) occupies rows [(i*d + j)*H/d, (i*d + j + 1)*H/d). Stacked in the rows, not
     the batch, so per-pixel layers see one image (a single GEMM for one patch) and the
     conv on the phases is a reshape away: (B, C*d*d, H/d, W/d) is the same memory.
+
+    by_conv: move the pixels with a stride-d grouped conv whose kernels are one-hot (each
+    output is 1 * x + exact zeros, so bit-identical). MegEngine's strided-copy relayout of the
+    6-d transpose is ~10x slower than a plain copy; the conv is ~3x faster than it (eval mode,
+    kernel chosen by timing).
     """
     b, c, h, w = x.shape
+    if by_conv:
+        op = builtin.Convolution(stride_h=d, stride_w=d, sparse="group",
+                                 strategy=builtin.Convolution.Strategy.PROFILE)
+        return apply(op, x, _phase_picker(c, d))[0].reshape(b, c, h * d, w // d)
     x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c, h * d, w // d)
 
 
-def phases_to_space(x, d):
-    """Inverse of space_to_phases."""
+def phases_to_space(x, d, by_conv=False):
+    """Inverse of space_to_phases (by_conv: the transposed one-hot conv, bit-identical too)."""
     b, c, hd, w = x.shape
     h = hd // (d * d)
+    if by_conv:
+        op = builtin.ConvolutionBackwardData(stride_h=d, stride_w=d, sparse="group",
+                                             strategy=builtin.Convolution.Strategy.PROFILE)
+        return apply(op, _phase_picker(c, d), x.reshape(b, c * d * d, h, w))[0]
     x = x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c, h * d, w * d)
+
+
+def _phase_picker(c, d):
+    """Group conv weight (c, d*d, 1, d, d): output k = i*d + j of each group picks pixel (i, j)."""
+    pick = np.eye(d * d, dtype=np.float32).reshape(1, d * d, 1, d, d)
+    return mge.tensor(np.ascontiguousarray(np.broadcast_to(pick, (c, d * d, 1, d, d))))
 
 
 class DepthwiseConv(M.Conv2d):
@@ -201,20 +316,24 @@ class DepthwiseConv(M.Conv2d):
         ph, pw = -h % d, -w % d
         if ph or pw:
             x = F.nn.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
-        y = phases_to_space(self.on_phases(space_to_phases(x, d)), d)
+        by_conv = not self.training
+        y = phases_to_space(self.on_phases(space_to_phases(x, d, by_conv)), d, by_conv)
         return y[:, :, :h, :w] if ph or pw else y
 
 
 class _ChannelNorm(Function):
     """LayerNorm over channels with a hand-written backward (autodiff's graph of ~20 full-size
-    elementwise ops, including a slow POW, becomes ~10)."""
+    elementwise ops, including a slow POW, becomes ~10). The forward makes three full-size
+    passes: x - mean, times 1/std, and one fused multiply-add for weight and bias; the variance
+    is a single SUM_SQR reduction."""
 
     def forward(self, x, weight, bias):
         mu = F.mean(x, axis=1, keepdims=True)
         d = x - mu
-        self.rstd = 1.0 / F.sqrt(F.mean(d * d, axis=1, keepdims=True) + 1e-5)
+        var = _reduce("SUM_SQR", d, axis=1) * (1.0 / x.shape[1])
+        self.rstd = 1.0 / F.sqrt(var + 1e-5)
         self.xhat, self.weight = d * self.rstd, weight
-        return self.xhat * weight + bias
+        return _elemwise("FUSE_MUL_ADD3", self.xhat, weight, bias)
 
     def backward(self, dy):
         xhat = self.xhat
@@ -243,12 +362,34 @@ class LayerNorm(M.Module):
         return (x - mu) / F.sqrt(var + 1e-5) * self.weight + self.bias
 
 
+def _standardise(x):
+    """(x - mean) / sqrt(var + 1e-5) over channels: LayerNorm without its affine part."""
+    d = x - F.mean(x, axis=1, keepdims=True)
+    var = _reduce("SUM_SQR", d, axis=1) * (1.0 / x.shape[1])
+    return d * (1.0 / F.sqrt(var + 1e-5))
+
+
+def norm_then_pointwise(norm, pointwise, x):
+    """pointwise(norm(x)). Fast path in eval mode: LayerNorm's per-channel weight and bias are
+    folded into the 1x1 conv after it, W (g * xhat + b) = (W diag g) xhat + W b, so the affine
+    pass over the map disappears into the conv's fused bias."""
+    if not (norm.fast and pointwise.fast) or norm.training:
+        return pointwise(norm(x))
+    c = x.shape[1]
+    weight = pointwise.weight * norm.weight.reshape(1, c, 1, 1)
+    bias = F.matmul(pointwise.weight.reshape(-1, c), norm.bias.reshape(c, 1)).reshape(1, -1, 1, 1)
+    if pointwise.bias is not None:
+        bias = bias + pointwise.bias
+    return pointwise_eval(_standardise(x), weight, bias)
+
+
 class MDTA(M.Module):
     """Multi-Dconv head Transposed Attention: attention across channels, not pixels.
 
     The fast path normalises after the product: (q/|q|)(k/|k|)^T = (q k^T) / (|q| |k|^T), so the
     division touches a (c x c) matrix per head instead of two (c x HW) maps (forward and
     backward). Norms are clamped at 1e-12 exactly like F.normalize (= torch's F.normalize).
+    It then folds the attention into project_out (`_fast_attention`).
     """
 
     def __init__(self, dim, heads, bias=False, fast=True):
@@ -260,26 +401,51 @@ class MDTA(M.Module):
         self.qkv_dwconv = DepthwiseConv(dim * 3, 3, bias=bias, fast=fast)
         self.project_out = Pointwise(dim, dim, bias=bias, fast=fast)
 
-    def forward(self, x):
+    def forward(self, x, norm=None):
+        """attn(x), or attn(norm(x)) with `norm` (so its affine part can fold into qkv)."""
         b, c, h, w = x.shape
-        qkv = self.qkv_dwconv(self.qkv(x))
+        qkv = self.qkv(x) if norm is None else norm_then_pointwise(norm, self.qkv, x)
+        qkv = self.qkv_dwconv(qkv)
         if self.fast:
-            # F.split's gradient is one concat; slicing's is a zero-fill + set per part
-            q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w)
-                       for t in F.split(qkv, 3, axis=1))
-            qn = F.maximum(F.sqrt(F.sum(q * q, axis=-1, keepdims=True)), 1e-12)
-            kn = F.maximum(F.sqrt(F.sum(k * k, axis=-1, keepdims=True)), 1e-12)
-            scale = self.temperature / F.matmul(qn, kn, transpose_b=True)
-            attn = F.matmul(q, k, transpose_b=True) * scale
-        else:
-            qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            q = F.normalize(q, ord=2, axis=-1)
-            k = F.normalize(k, ord=2, axis=-1)
-            attn = F.matmul(q, k, transpose_b=True) * self.temperature
+            return self._fast_attention(qkv)
+        qkv = qkv.reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q = F.normalize(q, ord=2, axis=-1)
+        k = F.normalize(k, ord=2, axis=-1)
+        attn = F.matmul(q, k, transpose_b=True) * self.temperature
         attn = F.softmax(attn, axis=-1)
         out = F.matmul(attn, v).reshape(b, c, h, w)
         return self.project_out(out)
+
+    def _fast_attention(self, qkv):
+        """Same numbers, fewer full-size passes: the per-head attention matrices are laid on the
+        diagonal of one (c x c) matrix and multiplied into project_out's weight, so attn @ v and
+        project_out become a single 1x1-conv-sized product with v."""
+        b, c3, h, w = qkv.shape
+        c, heads = c3 // 3, self.heads
+        # F.split's gradient is one concat; slicing's is a zero-fill + set per part
+        q, k, v = F.split(qkv, 3, axis=1)
+        q, k = (t.reshape(b, heads, c // heads, h * w) for t in (q, k))
+        qn = F.maximum(F.sqrt(_reduce("SUM_SQR", q, axis=3)), 1e-12)
+        kn = F.maximum(F.sqrt(_reduce("SUM_SQR", k, axis=3)), 1e-12)
+        scale = self.temperature / F.matmul(qn, kn, transpose_b=True)
+        attn = F.softmax(F.matmul(q, k, transpose_b=True) * scale, axis=-1)
+        blocks = attn.reshape(b, heads, c // heads, 1, c // heads) * _head_mask(heads)
+        mix = F.matmul(self.project_out.weight.reshape(c, c), blocks.reshape(b, c, c))
+        bias = self.project_out.bias
+        if b == 1 and not self.training:  # one patch: a 1x1 conv, as Pointwise does in eval
+            return pointwise_eval(v, mix.reshape(c, c, 1, 1), bias)
+        if b == 1:  # a plain GEMM beats the broadcast batched one (see Pointwise)
+            out = F.matmul(mix.reshape(c, c), v.reshape(c, h * w))
+        else:
+            out = F.matmul(mix, v.reshape(b, c, h * w))
+        out = out.reshape(b, c, h, w)
+        return out if bias is None else out + bias
+
+
+def _head_mask(heads):
+    """(1, heads, 1, heads, 1) identity: keeps head i's block on the diagonal of a (c x c) map."""
+    return mge.tensor(np.eye(heads, dtype=np.float32).reshape(1, heads, 1, heads, 1))
 
 
 class GDFN(M.Module):
@@ -298,12 +464,13 @@ class GDFN(M.Module):
         self.dwconv = DepthwiseConv(hidden * 2, kernel_size, dilation, bias=bias, fast=fast)
         self.project_out = Pointwise(hidden, dim, bias=bias, fast=fast)
 
-    def forward(self, x, on_phases=False):
-        """on_phases: x is already split into the dwconv's polyphase sub-images (fast path)."""
-        x = self.project_in(x)
+    def forward(self, x, on_phases=False, norm=None):
+        """on_phases: x is already split into the dwconv's polyphase sub-images (fast path);
+        norm: run on norm(x) (its affine part can then fold into project_in)."""
+        x = self.project_in(x) if norm is None else norm_then_pointwise(norm, self.project_in, x)
         x = self.dwconv.on_phases(x) if on_phases else self.dwconv(x)
         x1, x2 = F.split(x, 2, axis=1) if self.fast else (x[:, :self.hidden], x[:, self.hidden:])
-        return self.project_out(F.gelu(x1) * x2)
+        return self.project_out(gelu(x1, self.fast) * x2)
 
 
 class TransformerBlock(M.Module):
@@ -323,12 +490,13 @@ class TransformerBlock(M.Module):
         self.ffn = GDFN(dim, expansion, ffn_kernel, ffn_dilation, bias=bias, fast=fast)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(x, norm=self.norm1)
         d = self.ffn.dwconv.dilation[0]
         if self.fast and d > 1 and x.shape[2] % d == 0 and x.shape[3] % d == 0:
-            x = space_to_phases(x, d)
-            return phases_to_space(x + self.ffn(self.norm2(x), on_phases=True), d)
-        return x + self.ffn(self.norm2(x))
+            by_conv = not self.training  # the one-hot convs need no backward in eval
+            x = space_to_phases(x, d, by_conv)
+            return phases_to_space(x + self.ffn(x, on_phases=True, norm=self.norm2), d, by_conv)
+        return x + self.ffn(x, norm=self.norm2)
 
 
 class PDConvFuse(M.Module):
@@ -336,11 +504,12 @@ class PDConvFuse(M.Module):
 
     def __init__(self, dim, fast=True):
         super().__init__()
+        self.fast = fast
         self.pwconv = Pointwise(dim * 2, dim, fast=fast)
         self.dwconv = DepthwiseConv(dim, 3, fast=fast)
 
     def forward(self, x, skip):
-        return self.dwconv(F.gelu(self.pwconv(F.concat([x, skip], axis=1))))
+        return self.dwconv(gelu(self.pwconv(F.concat([x, skip], axis=1)), self.fast))
 
 
 class SimpleGateFuse(M.Module):
@@ -349,11 +518,12 @@ class SimpleGateFuse(M.Module):
     def __init__(self, in_channels, dim, fast=True):
         super().__init__()
         self.dim = dim
+        self.fast = fast
         self.conv1x1 = Pointwise(in_channels, dim * 2, fast=fast)
 
     def forward(self, x):
         x1, x2 = F.split(self.conv1x1(x), 2, axis=1)
-        return F.gelu(x2) * x1
+        return gelu(x2, self.fast) * x1
 
 
 def GFM(num_reroute_feats, dim, fast=True):

@@ -1,12 +1,15 @@
 """Every fast path gives the plain definition's numbers: outputs and parameter/input gradients."""
+import math
+
 import megengine as mge
 import numpy as np
 import pytest
 from megengine.autodiff import GradManager
 
 from megfb.baselines import pixel_shuffle, pixel_unshuffle
-from megfb.layers import (GDFN, MDTA, Conv2d, DepthwiseConv, LayerNorm, PDConvFuse, Pointwise,
-                          TransformerBlock, phases_to_space, set_fast, space_to_phases)
+from megfb.layers import (GDFN, GELU_LOGIT_POLY, MDTA, Conv2d, DepthwiseConv, LayerNorm,
+                          PDConvFuse, Pointwise, TransformerBlock, fit_gelu_logit_poly, gelu,
+                          phases_to_space, set_fast, space_to_phases)
 from megfb.model import build_model
 
 RTOL = 1e-5
@@ -100,8 +103,9 @@ def test_layernorm_matches_definition():
         np.testing.assert_allclose(ln(mge.tensor(x)).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_normalised_after_product():
-    assert_fast_equals_plain(_perturb(MDTA(8, 2)), _x((2, 8, 6, 6)))
+@pytest.mark.parametrize("b", [1, 2])
+def test_attention_normalised_after_product(b):
+    assert_fast_equals_plain(_perturb(MDTA(8, 2)), _x((b, 8, 6, 6)))
 
 
 def test_attention_zero_vector_clamps_like_normalize():
@@ -172,3 +176,64 @@ def test_phase_and_pixel_shuffles_are_inverses():
     # torch's PixelUnshuffle channel order: c*4 + 2i + j
     np.testing.assert_array_equal(pixel_unshuffle(x).numpy()[:, 2 * 4 + 1],
                                   x.numpy()[:, 2, 0::2, 1::2])
+
+
+def _assert_eval_fast_equals_plain(module, x):
+    """Eval mode has its own fast paths (1x1 convs with fused bias, LayerNorm folded into the
+    next 1x1 conv, one-hot phase convs, attention folded into project_out)."""
+    module.eval()
+    outs = []
+    for fast in (False, True):
+        set_fast(module, fast)
+        outs.append(module(mge.tensor(x)).numpy())
+    _close(outs[0], outs[1], "eval output")
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_eval_paths_equal_plain(b):
+    _assert_eval_fast_equals_plain(_perturb(TransformerBlock(8, 2, 1.2)), _x((b, 8, 8, 6)))
+    _assert_eval_fast_equals_plain(_perturb(TransformerBlock(8, 2, 1.2)), _x((b, 8, 7, 5)))
+    _assert_eval_fast_equals_plain(_perturb(MDTA(8, 2, bias=True)), _x((b, 8, 6, 6)))
+    _assert_eval_fast_equals_plain(_perturb(Pointwise(6, 10)), _x((b, 6, 5, 7)))
+    _assert_eval_fast_equals_plain(_perturb(DepthwiseConv(6, 5, dilation=2)), _x((b, 6, 9, 8)))
+    model = _perturb(build_model({}), scale=0.05)
+    _assert_eval_fast_equals_plain(model, np.abs(_x((b, 4, 12, 10))) * 0.2)
+
+
+def test_phase_convs_move_pixels_bit_exactly():
+    for shape in [(1, 32, 16, 12), (2, 5, 6, 4)]:
+        x = mge.tensor(_x(shape))
+        phases = space_to_phases(x, 2)
+        np.testing.assert_array_equal(space_to_phases(x, 2, by_conv=True).numpy(), phases.numpy())
+        np.testing.assert_array_equal(phases_to_space(phases, 2, by_conv=True).numpy(), x.numpy())
+
+
+def _gelu_reference(x):
+    return np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+
+
+def test_fast_gelu_matches_erf_definition():
+    x = np.concatenate([np.linspace(-60, 60, 24001), np.linspace(-6, 6, 12001)]).astype(np.float32)
+    ref = _gelu_reference(x)
+    fast = gelu(mge.tensor(x), fast=True).numpy()
+    plain = gelu(mge.tensor(x), fast=False).numpy()
+    scale = np.maximum(np.abs(x), 1.0)
+    # as close to the float64 truth as MegEngine's own erf-based GELU (both ~5e-7 here)
+    assert np.max(np.abs(fast - ref) / scale) < 2e-7 * 4
+    assert np.max(np.abs(fast - ref) / scale) <= 2 * np.max(np.abs(plain - ref) / scale) + 1e-7
+    # gradient: the exact derivative Phi(x) + x * pdf(x)
+    xt = mge.tensor(x)
+    gm = GradManager().attach([xt])
+    with gm:
+        gm.backward(gelu(xt, fast=True).sum())
+    x64 = x.astype(np.float64)
+    want = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x64]) + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
+    assert np.max(np.abs(xt.grad.numpy() - want)) < 1e-6
+
+
+def test_gelu_polynomial_is_the_documented_fit():
+    coef = fit_gelu_logit_poly()
+    np.testing.assert_allclose(np.float32(coef), np.float32(GELU_LOGIT_POLY), rtol=1e-4)
+    # no clamp needed: past the fitted range x * poly(x*x) keeps sigmoid saturated at 1
+    x = np.linspace(5.3, 1e4, 200001)
+    assert (x * np.polyval(np.array(GELU_LOGIT_POLY[::-1]), x * x)).min() > 16
