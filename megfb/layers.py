@@ -74,6 +74,19 @@ def _conv(x, w, padding, groups, tune=False):
     return apply(op, x, w)[0]
 
 
+_CONSTANTS = {}
+
+
+def _constant(key, make):
+    """A constant Tensor, made once per process. The modules that use one ask for it when they
+    are built: a Tensor created inside a traced function has no data in a record-only trace
+    (`megfb params`/`submit` export that way), one made before is captured like a parameter.
+    Kept out of the modules themselves, where it would join the state dict."""
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = mge.tensor(make())
+    return _CONSTANTS[key]
+
+
 def _elemwise(mode, *inputs):
     return apply(builtin.Elemwise(mode=mode), *inputs)[0]
 
@@ -125,9 +138,10 @@ class _GELU(Function):
     def forward(self, x):
         t = x * x
         c = GELU_LOGIT_POLY
-        p = _elemwise("FUSE_MUL_ADD3", t, _const(c[-1]), _const(c[-2]))
+        # numpy scalars, not Tensors, for record-only traces (see _constant)
+        p = _elemwise("FUSE_MUL_ADD3", t, np.float32(c[-1]), np.float32(c[-2]))
         for coef in c[-3::-1]:
-            p = _elemwise("FUSE_MUL_ADD3", p, t, _const(coef))
+            p = _elemwise("FUSE_MUL_ADD3", p, t, np.float32(coef))
         self.x = x
         self.phi = F.sigmoid(p * x)
         return x * self.phi
@@ -136,10 +150,6 @@ class _GELU(Function):
         x = self.x
         density = F.exp(x * x * -0.5) * _INV_SQRT_2PI
         return dy * _elemwise("FUSE_MUL_ADD3", x, density, self.phi)
-
-
-def _const(value):
-    return mge.tensor(np.float32(value))
 
 
 def gelu(x, fast=True):
@@ -272,7 +282,8 @@ def phases_to_space(x, d, by_conv=False):
 def _phase_picker(c, d):
     """Group conv weight (c, d*d, 1, d, d): output k = i*d + j of each group picks pixel (i, j)."""
     pick = np.eye(d * d, dtype=np.float32).reshape(1, d * d, 1, d, d)
-    return mge.tensor(np.ascontiguousarray(np.broadcast_to(pick, (c, d * d, 1, d, d))))
+    return _constant(("phase_picker", int(c), int(d)),
+                     lambda: np.ascontiguousarray(np.broadcast_to(pick, (c, d * d, 1, d, d))))
 
 
 class DepthwiseConv(M.Conv2d):
@@ -291,6 +302,8 @@ class DepthwiseConv(M.Conv2d):
         super().__init__(channels, channels, kernel_size, padding=pad, dilation=dilation,
                          groups=channels, bias=bias)
         self.fast = fast
+        if dilation > 1:
+            _phase_picker(channels, dilation)  # made now, outside any trace (see _constant)
 
     def on_phases(self, x):
         """The undilated conv on the polyphase sub-images of space_to_phases (B, C, d*d*h, w)."""
@@ -397,6 +410,7 @@ class MDTA(M.Module):
         self.heads = heads
         self.fast = fast
         self.temperature = mge.Parameter(np.ones((heads, 1, 1), dtype=np.float32))
+        _head_mask(heads)  # made now, outside any trace (see _constant)
         self.qkv = Pointwise(dim, dim * 3, bias=bias, fast=fast)
         self.qkv_dwconv = DepthwiseConv(dim * 3, 3, bias=bias, fast=fast)
         self.project_out = Pointwise(dim, dim, bias=bias, fast=fast)
@@ -445,7 +459,8 @@ class MDTA(M.Module):
 
 def _head_mask(heads):
     """(1, heads, 1, heads, 1) identity: keeps head i's block on the diagonal of a (c x c) map."""
-    return mge.tensor(np.eye(heads, dtype=np.float32).reshape(1, heads, 1, heads, 1))
+    return _constant(("head_mask", int(heads)),
+                     lambda: np.eye(heads, dtype=np.float32).reshape(1, heads, 1, heads, 1))
 
 
 class GDFN(M.Module):
@@ -488,6 +503,8 @@ class TransformerBlock(M.Module):
         self.attn = MDTA(dim, heads, bias=bias, fast=fast)
         self.norm2 = LayerNorm(dim, fast=fast)
         self.ffn = GDFN(dim, expansion, ffn_kernel, ffn_dilation, bias=bias, fast=fast)
+        if ffn_dilation > 1:
+            _phase_picker(dim, ffn_dilation)  # made now, outside any trace (see _constant)
 
     def forward(self, x):
         x = x + self.attn(x, norm=self.norm1)

@@ -15,6 +15,7 @@ import megengine as mge
 import megengine.functional as F
 import megengine.module as M
 import numpy as np
+from megengine.jit.tracing import is_tracing
 
 from .errors import MegfbError
 from .layers import GFM, Conv2d, DepthwiseConv, PDConvFuse, Pointwise, TransformerBlock, set_fast
@@ -103,6 +104,7 @@ class FeedbackRestormer(Standardised):
                  ffn_kernel=5, ffn_dilation=2, reroute="top", step_input=True, fast=True):
         super().__init__(in_channels, mean, std)
         c = num_feats
+        self.fast = fast
         self.num_steps = num_steps
         self.step_input = step_input
         self.conv_in = M.Sequential(Conv2d(in_channels, c, 5, fast=fast),
@@ -114,6 +116,17 @@ class FeedbackRestormer(Standardised):
                                      Conv2d(c, in_channels, 5, fast=fast))
 
     def forward(self, x):
+        if self.fast and not self.training and x.shape[0] > 1:
+            # Inference on CPU gains nothing from a batch: every op already streams one patch's
+            # maps, and a batch only makes them outgrow the caches (measured: 4 patches in one
+            # forward took 0.46 s each and 11.7 GB, one at a time 0.17 s each and 1.6 GB). Eager
+            # dispatch is asynchronous: wait for each patch so that only one is in flight.
+            outs = []
+            for i in range(x.shape[0]):
+                outs.append(self.forward(x[i:i + 1]))
+                if not is_tracing():
+                    mge._full_sync()
+            return F.concat(outs, axis=0)
         x = (x - self.mean) / self.std
         shortcut = x
         init = self.conv_in(x)

@@ -197,10 +197,14 @@ def test_mac_count_matches_hand_formula():
     every = submit.graph_costs(submit.export_graph_bytes(model, (1, 4, 16, 16), all_steps=True))
     assert every["conv_macs"] == submit.module_stats_conv_macs(model, (1, 4, 16, 16))
     assert every["conv_macs"] - plain["conv_macs"] == 5024 * hw
-    # the fast path: same products, plus the (c/h x 1)(1 x c/h) outer product of the q/k norms
+    # the fast eval path, per block: attn @ v (256 per pixel) is folded into project_out's
+    # weight (one 32x32x32 product), plus the (c/h x 1)(1 x c/h) outer products of the q/k
+    # norms, LayerNorm's bias through qkv and project_in (96x32 + 76x32), and the one-hot
+    # stride-2 conv that moves the pixels into phases (128 outputs x 4 taps per half-res pixel)
     set_fast(model, True)
     fast = submit.graph_costs(submit.export_graph_bytes(model, (1, 4, 16, 16)))
-    assert fast["macs"] == plain["macs"] + 2 * 7 * 4 * 8 * 8
+    per_block = -256 * hw + 32 ** 3 + 4 * 8 * 8 + (96 + 76) * 32 + 128 * (hw // 4) * 4
+    assert fast["macs"] == plain["macs"] + 2 * 7 * per_block
 
 
 def test_graph_costs_toy_exact():
