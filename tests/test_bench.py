@@ -1,0 +1,22 @@
+"""`megfb bench` at quick sizes: every case runs, fast equals plain, the report adds up."""
+import json
+
+from megfb import bench, cli
+
+
+def test_quick_bench_runs_every_case_and_checks_exactness(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    cases = {(r["case"], r["batch"]) for r in res["rows"]}
+    for case in ("infer plain", "infer fast", "infer fast+trace", "pmrid infer"):
+        assert {(case, 1), (case, 8)} <= cases
+    assert {("train step plain", 8), ("train step fast", 8)} <= cases
+    assert len(res["max_rel_diff"]) == 4 and max(res["max_rel_diff"].values()) < 1e-4
+    assert res["peak_gflops"] == max(res["matmul_peak_gflops"], res["conv1x1_peak_gflops"]) > 0
+    assert all(v > 0 for v in res["ratios"].values())
+    assert res["profile_fast"] and res["profile_plain"]
+    # the fast path has neither the scalar-erf GELU nor the POW of the plain LayerNorm
+    assert not {"GELU", "POW"} & {p["op"] for p in res["profile_fast"]}
+    table = bench.format_table(res)
+    assert "speed-up fast vs plain" in table and "GEMM peak" in table
