@@ -9,7 +9,7 @@ them (`fast=` at construction, `set_fast(module, enabled)` later) never changes 
 Fast paths (MegEngine 1.13 CPU; measured side by side, see `megfb bench`):
 - conv weight/input gradients computed as forward convs (_SameConv): MegEngine's CPU
   ConvolutionBackwardFilter was over half of a training step;
-- in eval mode, conv kernels chosen by timing (strategy PROFILE, per op), not by heuristic;
+- in eval mode, conv kernels chosen by timing (among MegEngine's optimised kernels, per op);
 - a depthwise conv with dilation d runs undilated on the d x d polyphase sub-images (the
   dilated 5x5 conv is ~45x slower); in a TransformerBlock the whole FFN half runs on them, and
   in eval mode one-hot stride-d convs move the pixels (3x faster than the strided relayout);
@@ -55,20 +55,27 @@ def fast_paths_restored(module):
             m.fast = fast
 
 
+# Kernel choice by timing, among MegEngine's optimised kernels only: on a new shape the timing
+# takes 0.1-1.3 s per conv instead of 0.3-14 s for plain PROFILE (which also times the naive
+# kernels; 69 s for a first FBRestormer forward), and the chosen kernels run as fast.
+TIMED = builtin.Convolution.Strategy.PROFILE | builtin.Convolution.Strategy.OPTIMIZED
+HEURISTIC = builtin.Convolution.Strategy.HEURISTIC
+
+
 def _conv(x, w, padding, groups, tune=False):
     """F.conv2d (stride 1, no dilation); with `tune`, MegEngine's kernel is chosen by timing.
 
-    Strategy PROFILE times the candidate algorithms once per new shape: in inference the
-    dense 5x5 conv_out conv drops from ~70 ms to ~6 ms and a patch runs ~14% faster once warm
-    (0.296 vs 0.343 s, measured side by side). In training it buys nothing measurable but the
-    first step pays ~80 s of timing (the backward's transposed shapes), so only eval-mode
-    forward passes use it. Set per op, not process-wide via set_execution_strategy: PROFILE
-    breaks MegEngine 1.13's BatchedMatrixMul ("needed workspace ...; got: 0") when shapes change.
-    MegEngine caches the chosen kernel per shape and parameters but not per strategy: whichever
-    strategy meets a shape first decides for the whole process (`bench` clears the cache
-    between paths for that reason).
+    The timing (strategy TIMED) happens once per new shape, and MegEngine keeps the result in
+    its persistent cache (~/.cache/megengine), so later processes reuse it. In inference it
+    makes the dense 5x5 convs several times faster (conv_out's 32->4: ~30 ms by heuristic,
+    ~1-2 ms timed) and the 1x1 convs about 2x. In training it buys nothing measurable but the
+    backward's transposed shapes would all be timed, so only eval-mode forward passes use it.
+    Set per op, not process-wide via set_execution_strategy: PROFILE breaks MegEngine 1.13's
+    BatchedMatrixMul ("needed workspace ...; got: 0") when shapes change. MegEngine caches the
+    chosen kernel per shape and parameters but not per strategy: whichever strategy meets a
+    shape first decides for the whole process (`bench` clears the cache between paths).
     """
-    strategy = builtin.Convolution.Strategy.PROFILE if tune else builtin.Convolution.Strategy.HEURISTIC
+    strategy = TIMED if tune else HEURISTIC
     op = builtin.Convolution(pad_h=int(padding), pad_w=int(padding), strategy=strategy,
                              sparse="dense" if groups == 1 else "group")
     return apply(op, x, w)[0]
@@ -241,7 +248,7 @@ def pointwise_eval(x, weight, bias=None):
     """1x1 conv for inference: kernel chosen by timing, bias fused (ConvBias) when there is one."""
     if bias is None:
         return _conv(x, weight, 0, 1, tune=True)
-    op = builtin.ConvBias(nonlineMode="IDENTITY", strategy=builtin.Convolution.Strategy.PROFILE,
+    op = builtin.ConvBias(nonlineMode="IDENTITY", strategy=TIMED,
                           dtype=x.dtype)
     return apply(op, x, weight, bias)[0]
 
@@ -261,7 +268,7 @@ def space_to_phases(x, d, by_conv=False):
     b, c, h, w = x.shape
     if by_conv:
         op = builtin.Convolution(stride_h=d, stride_w=d, sparse="group",
-                                 strategy=builtin.Convolution.Strategy.PROFILE)
+                                 strategy=TIMED)
         return apply(op, x, _phase_picker(c, d))[0].reshape(b, c, h * d, w // d)
     x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c, h * d, w // d)
@@ -273,7 +280,7 @@ def phases_to_space(x, d, by_conv=False):
     h = hd // (d * d)
     if by_conv:
         op = builtin.ConvolutionBackwardData(stride_h=d, stride_w=d, sparse="group",
-                                             strategy=builtin.Convolution.Strategy.PROFILE)
+                                             strategy=TIMED)
         return apply(op, _phase_picker(c, d), x.reshape(b, c * d * d, h, w))[0]
     x = x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c, h * d, w * d)
