@@ -1,7 +1,8 @@
 """megfb: the MegCup 2022 FBRestormer raw denoiser in MegEngine, with the contest workflow.
 
 Pipeline: io (contest .bin, Bayer packing) -> synth (default data) -> data (statistics,
-split, loaders) -> layers/model/baselines -> losses -> train -> metrics -> infer/submit.
+split, loaders) -> ops/layers -> model/baselines -> losses -> train -> infer (the one
+prediction path) -> metrics/evaluate -> graph/costs -> submit; bench times it all.
 """
 import os
 
@@ -14,7 +15,7 @@ os.environ.setdefault("MEGENGINE_LOGGING_LEVEL", "ERROR")
 
 
 def _probe_cuda_quietly():
-    """Run MegEngine's CUDA probe once with stderr closed.
+    """Run MegEngine's CUDA probe once, at import, with stderr closed.
 
     On a machine without a GPU driver the probe prints a five-line banner and debug lines
     from C++ at the first tensor and at `is_cuda_available()`, whatever the log level; the
@@ -35,4 +36,4 @@ def _probe_cuda_quietly():
         os.close(null)
 
 
-CUDA_AVAILABLE = _probe_cuda_quietly()
+_probe_cuda_quietly()

@@ -9,8 +9,7 @@ standardisation inside, a list of one output in training, the output tensor in e
 import megengine.functional as F
 import megengine.module as M
 
-from .layers import DepthwiseConv, Pointwise, TransformerBlock
-from .model import Standardised
+from .layers import Pointwise, Standardised, TransformerBlock
 
 
 # ---------------------------------------------------------------------------------- PMRID

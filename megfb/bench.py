@@ -11,7 +11,6 @@ import glob
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -25,12 +24,11 @@ from megengine.jit import trace
 from . import __version__
 from .atomic import atomic_output
 from .errors import MegfbError
-from .layers import _conv, fast_paths_restored, set_fast
+from .costs import graph_costs, measure, sync
+from .graph import export_graph_bytes
+from .layers import fast_paths_restored, set_fast
 from .model import build_model, count_parameters
-
-
-def _sync():
-    mge._full_sync()
+from .ops import conv
 
 
 def use_path(model, fast):
@@ -43,46 +41,9 @@ def use_path(model, fast):
     """
     from megengine.core._imperative_rt.core2 import _clear_algorithm_cache
 
-    _sync()
+    sync()
     _clear_algorithm_cache()
     return set_fast(model, fast)
-
-
-def _read_hwm_kib():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmHWM:", "VmRSS:")):
-                    yield int(line.split()[1])
-    except OSError:
-        return
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def measure(fn, repeats, warmup=1):
-    """Median seconds of `fn()` and the resident-memory growth (MiB) while it ran."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    resettable = _reset_hwm()
-    rss_before = dict(zip(("hwm", "rss"), _read_hwm_kib())).get("rss", 0)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    hwm = dict(zip(("hwm", "rss"), _read_hwm_kib())).get("hwm", 0)
-    peak_mib = (hwm - rss_before) / 1024 if resettable else None
-    return statistics.median(times), peak_mib
 
 
 _START = time.perf_counter()
@@ -94,16 +55,29 @@ def _progress(what):
 
 
 def _inference_fn(model, x):
+    """The model as written: one forward over the whole batch."""
     def run():
         return model(x).numpy()
 
     return run
 
 
+def _predict_fn(model, x):
+    """The prediction path predict/submit use (megfb.infer: on CPU one patch per forward)."""
+    from .infer import predict_packed
+
+    x = x.numpy()
+
+    def run():
+        return predict_packed(model, x, progress=False)
+
+    return run
+
+
 def _traced_fn(model, x):
-    """The eval model runs a batch one patch at a time; traced, the same: one single-patch
-    graph called per patch. (Traced whole, a batch-8 graph held every patch's intermediates
-    at once, 12.7 GB, because MegEngine does not reuse memory between the unrolled patches.)"""
+    """The prediction path with a traced model: one single-patch graph called per patch.
+    (Traced whole, a batch-8 graph held every patch's intermediates at once, 12.7 GB, because
+    MegEngine does not reuse memory between the unrolled patches.)"""
     @trace(symbolic=True, capture_as_const=True)
     def graph(inp):
         return model(inp)
@@ -141,7 +115,7 @@ def matmul_peak_gflops(n=1536, repeats=5):
     sec, _ = measure(lambda: F.matmul(a, b).numpy(), repeats)
     x = mge.tensor(rng.standard_normal((1, n, 1, n), dtype=np.float32))
     w = mge.tensor(rng.standard_normal((n, n, 1, 1), dtype=np.float32))
-    sec_conv, _ = measure(lambda: _conv(x, w, 0, 1, tune=True).numpy(), repeats)
+    sec_conv, _ = measure(lambda: conv(x, w, 0, 1, tune=True).numpy(), repeats)
     return {"matmul": 2 * n ** 3 / sec / 1e9, "conv1x1": 2 * n ** 3 / sec_conv / 1e9}
 
 
@@ -216,7 +190,7 @@ def run_bench(repeats=5, quick=False, profile=True):
         row("infer plain", batch, *measure(plain, plain_repeats, warmup=0))
         _progress(f"inference, batch {batch}: fast")
         use_path(model, True)
-        fast = _inference_fn(model, x[batch])
+        fast = _predict_fn(model, x[batch])
         outputs["fast", batch] = fast()
         row("infer fast", batch, *measure(fast, repeats, warmup=0))
         _progress(f"inference, batch {batch}: fast, traced")
@@ -262,8 +236,6 @@ def run_bench(repeats=5, quick=False, profile=True):
 
 def model_flops(model, shape):
     """FLOPs (2 x MACs of convs and matmuls) of the plain eval graph, as `megfb params` counts them."""
-    from .submit import export_graph_bytes, graph_costs
-
     with fast_paths_restored(model):
         set_fast(model, False)
         return graph_costs(export_graph_bytes(model, shape))["flops"]

@@ -7,6 +7,7 @@ and val (the last validation figures, best score). A plain state dict - such as 
 published `feedback_restormer.mge` - is just {key: array}; it loads into a model built from a
 config (the FBRestormer defaults when none is given) with strict key and shape checks.
 """
+import glob
 import os
 import pickle
 
@@ -103,3 +104,38 @@ def model_from_checkpoint(path, config_path=None, prefer_ema=True):
     load_weights(model, state, path)
     model.eval()
     return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint a command uses
+
+PUBLISHED_STEM = "feedback_restormer"  # the team's published state dict
+
+
+def newest_run_checkpoint(runs_dir="runs"):
+    """best.mge of the newest run (by the file's modification time)."""
+    found = glob.glob(os.path.join(runs_dir, "*", "best.mge"))
+    if not found:
+        raise MegfbError(f"no trained run under {runs_dir}/: run `make train` or pass --ckpt")
+    return max(found, key=os.path.getmtime)
+
+
+def load_model(ckpt=None, config=None):
+    """(path, model, info) for --ckpt / --config; the newest run's best checkpoint by default."""
+    path = ckpt or newest_run_checkpoint()
+    model, info = model_from_checkpoint(path, config)
+    return path, model, info
+
+
+def run_name(path, info):
+    """The name a submission is filed under: the run's name, or the state dict's file stem."""
+    if info["kind"] == "trainer":
+        return str(info["config"].get("name") or "run")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return "published" if stem == PUBLISHED_STEM else stem
+
+
+def describe(path, info):
+    if info["kind"] == "trainer":
+        return f"{path} (trainer checkpoint, iteration {info.get('iteration')}, {info['weights']} weights)"
+    return f"{path} (plain state dict)"

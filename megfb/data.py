@@ -15,7 +15,7 @@ from megengine.data.sampler import MapSampler
 
 from .atomic import atomic_output
 from .errors import MegfbError
-from .io import PATCH, WHITE, contest_paths, mosaic_to_packed, pack_bayer, read_bin, read_pair
+from .io import PATCH, WHITE, contest_paths, mosaic_to_packed, pack_bayer, read_pair
 from .metrics import contest_score, psnr
 
 CHANNELS = ("R", "Gr", "Gb", "B")  # packed order (0,0), (0,1), (1,0), (1,1) of RGGB
@@ -139,6 +139,12 @@ def load_stats(path):
     return stats
 
 
+def write_stats(path, stats):
+    """Write a stats dict (compute_stats) as YAML, atomically."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(stats, f, sort_keys=False, default_flow_style=None)
+
+
 def cmd_stats(args):
     """`megfb data stats`: print the statistics table and write data/stats.yaml."""
     paths = contest_paths(args.data_dir)
@@ -157,8 +163,7 @@ def cmd_stats(args):
     ident = stats["identity_val"]
     if ident["score"] is not None:
         print(f"identity prediction on the validation split: score {ident['score']:.4f}, PSNR {ident['psnr']:.2f} dB")
-    with atomic_output(out) as tmp, open(tmp, "w") as f:
-        yaml.safe_dump(stats, f, sort_keys=False, default_flow_style=None)
+    write_stats(out, stats)
     print(f"wrote {out}")
 
 
@@ -306,16 +311,3 @@ class _BatchNumbers(MapSampler):
 class _Single(Collator):
     def apply(self, inputs):
         return inputs[0]
-
-
-def load_val(noisy_path, clean_path, val_idx, limit=None):
-    """Validation patches for the trainer: (noisy_packed, clean_uint16).
-
-    noisy_packed: float32 (N, 4, 128, 128) on [0, 1], the model's input;
-    clean_uint16: uint16 (N, 256, 256) mosaics, the ground truth exactly as the contest scores
-    it — convert a prediction with megfb.io.packed_to_mosaic and call
-    megfb.metrics.contest_score(pred_mosaic, clean_uint16). `limit` keeps the first N indices.
-    """
-    noisy, clean = read_pair(noisy_path, clean_path)
-    idx = np.asarray(val_idx, dtype=np.int64)[:limit]
-    return mosaic_to_packed(noisy[idx]), np.asarray(clean[idx])

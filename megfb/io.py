@@ -4,6 +4,7 @@ A contest file is N raw 256x256 Bayer mosaics, little-endian uint16, C order, no
 its byte size alone says how many patches it holds. A size that is not a whole number of
 patches means the file is not a contest file; we say so rather than reshape it silently.
 """
+import hashlib
 import os
 
 import numpy as np
@@ -15,6 +16,12 @@ PATCH = 256
 PATCH_BYTES = PATCH * PATCH * 2  # one uint16 mosaic
 DTYPE = np.dtype("<u2")
 WHITE = 65535.0  # values are scaled to [0, 1] by this (the contest's convention)
+
+# Packed per-channel statistics (R, Gr, Gb, B) of the contest training data on the [0,1]
+# scale, black level included: stored in the published FBRestormer weights (the 1st place
+# standardises with the same constants); the synthetic default set is exposed to match them.
+PUBLISHED_MEAN = (0.08958147, 0.11184454, 0.11297596, 0.09162903)
+PUBLISHED_STD = (0.06037381, 0.09139108, 0.09338845, 0.06839059)
 
 FILE_NAMES = {
     "train_input": "competition_train_input.0.2.bin",
@@ -89,6 +96,20 @@ def write_bin(path, array, chunk=256):
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         for i in range(0, len(array), chunk):  # chunks: `array` may itself be a 1 GB memmap
             write_patches(f, array[i:i + chunk])
+
+
+def sha256_stream(f, block=1 << 24):
+    """SHA-256 hex digest of an open binary file, read in blocks."""
+    h = hashlib.sha256()
+    for part in iter(lambda: f.read(block), b""):
+        h.update(part)
+    return h.hexdigest()
+
+
+def sha256_file(path):
+    """SHA-256 hex digest of a file (manifests record what went into a result)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def pack_bayer(x):

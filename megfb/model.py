@@ -11,35 +11,15 @@ are the published checkpoint's (shared/spec/fbrestormer.md): the default config 
 """
 import inspect
 
-import megengine as mge
 import megengine.functional as F
 import megengine.module as M
 import numpy as np
-from megengine.jit.tracing import is_tracing
 
+from . import PARAM_LIMIT
+from .baselines import PMRID, Restormer
 from .errors import MegfbError
-from .layers import GFM, Conv2d, DepthwiseConv, PDConvFuse, Pointwise, TransformerBlock, set_fast
-
-# Statistics of the contest training data on the [0,1] scale, stored in the published weights.
-PUBLISHED_MEAN = (0.08958147, 0.11184454, 0.11297596, 0.09162903)
-PUBLISHED_STD = (0.06037381, 0.09139108, 0.09338845, 0.06839059)
-
-
-class Standardised(M.Module):
-    """Holds the per-channel mean/std constants every model of the project standardises with.
-
-    They are plain Tensors, not Parameters: stored in the state dict (the published file has
-    them), never trained, never counted against the 100,000-parameter limit.
-    """
-
-    def __init__(self, channels, mean=None, std=None):
-        super().__init__()
-        mean = PUBLISHED_MEAN if mean is None and channels == 4 else mean
-        std = PUBLISHED_STD if std is None and channels == 4 else std
-        mean = np.zeros(channels) if mean is None else mean
-        std = np.ones(channels) if std is None else std
-        self.mean = mge.Tensor(np.asarray(mean, dtype=np.float32).reshape(1, channels, 1, 1))
-        self.std = mge.Tensor(np.asarray(std, dtype=np.float32).reshape(1, channels, 1, 1))
+from .layers import (GFM, PUBLISHED_MEAN, PUBLISHED_STD, Conv2d, DepthwiseConv, PDConvFuse,
+                     Pointwise, Standardised, TransformerBlock, set_fast)
 
 
 class FeedbackBlock(M.Module):
@@ -116,17 +96,6 @@ class FeedbackRestormer(Standardised):
                                      Conv2d(c, in_channels, 5, fast=fast))
 
     def forward(self, x):
-        if self.fast and not self.training and x.shape[0] > 1:
-            # Inference on CPU gains nothing from a batch: every op already streams one patch's
-            # maps, and a batch only makes them outgrow the caches (measured: 4 patches in one
-            # forward took 0.46 s each and 11.7 GB, one at a time 0.17 s each and 1.6 GB). Eager
-            # dispatch is asynchronous: wait for each patch so that only one is in flight.
-            outs = []
-            for i in range(x.shape[0]):
-                outs.append(self.forward(x[i:i + 1]))
-                if not is_tracing():
-                    mge._full_sync()
-            return F.concat(outs, axis=0)
         x = (x - self.mean) / self.std
         shortcut = x
         init = self.conv_in(x)
@@ -139,8 +108,6 @@ class FeedbackRestormer(Standardised):
 
 
 def _architectures():
-    from .baselines import PMRID, Restormer
-
     return {"fbrestormer": FeedbackRestormer, "pmrid": PMRID, "restormer": Restormer}
 
 
@@ -207,5 +174,13 @@ def count_parameters(model):
     return int(sum(int(np.prod(p.shape)) for p in model.parameters()))
 
 
+def check_param_limit(model):
+    """The contest rule, checked before anything else is spent on the model."""
+    n = count_parameters(model)
+    if n > PARAM_LIMIT:
+        raise MegfbError(f"model has {n:,} trainable parameters, over the contest limit of {PARAM_LIMIT:,}")
+    return n
+
+
 __all__ = ["FeedbackBlock", "FeedbackRestormer", "build_model", "resolve_model_config",
-           "count_parameters", "set_fast", "PUBLISHED_MEAN", "PUBLISHED_STD"]
+           "count_parameters", "check_param_limit", "set_fast", "PUBLISHED_MEAN", "PUBLISHED_STD"]

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_output
+from .io import unpack_bayer
 
 BLACK_LEVEL = 4096 / 65535  # 64 DN at 10 bits scaled to 16 bits (synthetic data; see synth.py)
 WHITE = (255, 255, 255)
@@ -21,15 +22,9 @@ ORANGE = (30, 140, 240)
 GREEN = (60, 160, 60)
 
 
-def _unpack(packed):
-    """(4, h, w) with channels (0,0),(0,1),(1,0),(1,1) -> (2h, 2w) mosaic."""
-    c, h, w = packed.shape
-    return packed.reshape(2, 2, h, w).transpose(2, 0, 3, 1).reshape(2 * h, 2 * w)
-
-
 def demosaic(packed, black_level=BLACK_LEVEL):
     """Packed RGGB planes on [0,1] -> linear RGB float32 (H, W, 3), black level removed."""
-    mosaic = np.clip((_unpack(np.asarray(packed, np.float32)) - black_level) / (1 - black_level), 0, 1)
+    mosaic = np.clip((unpack_bayer(np.asarray(packed, np.float32)) - black_level) / (1 - black_level), 0, 1)
     # OpenCV names Bayer patterns from the second row/column: RGGB data is its "BG" code.
     bgr = cv2.cvtColor(np.round(mosaic * 65535).astype(np.uint16), cv2.COLOR_BayerBG2BGR)
     return bgr[..., ::-1].astype(np.float32) / 65535

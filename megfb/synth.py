@@ -28,7 +28,8 @@ import yaml
 
 from .atomic import atomic_output
 from .errors import MegfbError
-from .io import FILE_NAMES, PATCH, contest_paths, pack_bayer, unpack_bayer, write_patches
+from .io import (FILE_NAMES, PATCH, PUBLISHED_MEAN, PUBLISHED_STD, contest_paths, pack_bayer,
+                 sha256_file, unpack_bayer, write_patches)
 
 NOTE_NAME = "synthetic.yaml"
 CHUNK = 64  # patches generated per step; part of the seed -> data mapping, so keep it fixed
@@ -51,10 +52,6 @@ SETTINGS = {
     "exposure_log_std": 1.45,
     "highlight_percentile": 99.9,  # ...but this percentile of a patch stays below white
 }
-
-# The contest's published packed statistics on [0, 1], black level included (R, Gr, Gb, B).
-PUBLISHED_MEAN = (0.0896, 0.1118, 0.1130, 0.0916)
-PUBLISHED_STD = (0.0604, 0.0914, 0.0934, 0.0684)
 
 # Sensor: OPPO Reno 10x (PMRID), 10-bit DN.
 BLACK, WHITE = 64, 1023
@@ -244,14 +241,6 @@ def generate(n, photos, seed, stream, threads=None):
 
 # ------------------------------------------------------------------------ files + command
 
-def _sha256(path, block=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for part in iter(lambda: f.read(block), b""):
-            h.update(part)
-    return h.hexdigest()
-
-
 def read_note(data_dir):
     """The synthetic set's note, or None when there is none (or it is unreadable)."""
     path = os.path.join(data_dir, NOTE_NAME)
@@ -271,7 +260,7 @@ def is_generated(path, note):
     st = os.stat(path)
     if st.st_size != entry.get("bytes"):
         return False
-    return st.st_mtime_ns == entry.get("mtime_ns") or _sha256(path) == entry.get("sha256")
+    return st.st_mtime_ns == entry.get("mtime_ns") or sha256_file(path) == entry.get("sha256")
 
 
 def classify(data_dir):
@@ -364,8 +353,6 @@ def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True):
 def cmd_synth(args):
     """`megfb data synth`: generate the synthetic set unless real contest files are present."""
     data_dir = args.data_dir
-    if args.train < 1 or args.test < 1:
-        raise MegfbError(f"--train and --test must be at least 1 patch, got {args.train} and {args.test}")
     state, found = classify(data_dir)
     if state == "real":
         names = ", ".join(os.path.basename(p) for p in found)

@@ -24,13 +24,11 @@ from .atomic import atomic_output
 from .checkpoint import is_trainer_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import dump_config, load_config
 from .errors import MegfbError
+from .evaluate import validation_patches
+from .infer import predict_mosaics
 from .losses import supervised_loss
 from .model import build_model, count_parameters, resolve_model_config
 
-# Patches per validation forward. On this 2-core CPU one 256x256 patch at a time ran ~4x
-# faster per patch than batches of 2 (0.7 s vs 2.5-3 s, MegEngine 1.13) and its first-call
-# kernel profiling took 22 s instead of minutes; a GPU wants batches.
-VAL_BATCH = 8 if mge.is_cuda_available() else 1
 PREVIEW_SIZE = 64  # packed pixels per side of a preview crop (a 128x128 mosaic region)
 
 
@@ -104,16 +102,12 @@ def standardisation_stats(data_cfg, paths):
 
     They go into the model's mean/std buffers, so every checkpoint carries its own constants.
     """
-    import yaml
-
     from . import data
 
     path = os.path.join(data_cfg["dir"], data_cfg["stats"])
     if not os.path.isfile(path):
         print(f"{path} not found: computing it first (as `megfb data stats` does)")
-        stats = data.compute_stats(*paths, data_cfg["val_fraction"], data_cfg["split_seed"])
-        with atomic_output(path) as tmp, open(tmp, "w") as f:
-            yaml.safe_dump(stats, f, sort_keys=False, default_flow_style=None)
+        data.write_stats(path, data.compute_stats(*paths, data_cfg["val_fraction"], data_cfg["split_seed"]))
     stats = data.load_stats(path)
     black = stats.get("black_level")
     black = float(np.mean(black["unit"])) if isinstance(black, dict) and "unit" in black else None
@@ -131,20 +125,6 @@ def train_batches(paths, indices, cfg, crop, batch_size, start, rank=0, world=1)
 
 
 # ---------------------------------------------------------------------------- validation
-
-
-def predict_val(model, noisy_u16, stop=None):
-    """uint16 mosaics in, uint16 mosaics out: the submission rule (x65535, clip, round)."""
-    from .io import mosaic_to_packed, packed_to_mosaic
-
-    model.eval()
-    preds = []
-    for i in range(0, len(noisy_u16), VAL_BATCH):
-        if stop is not None and stop.requested:
-            break
-        preds.append(packed_to_mosaic(model(mge.tensor(mosaic_to_packed(noisy_u16[i:i + VAL_BATCH]))).numpy()))
-    model.train()
-    return np.concatenate(preds) if len(preds) * VAL_BATCH >= len(noisy_u16) else None
 
 
 def score(pred_u16, clean_u16):
@@ -227,14 +207,12 @@ def cmd_train(args):
 
 def train(cfg, gpus=1, restart=False):
     """Train from a resolved config; returns a summary dict (best/identity score, paths)."""
-    gpus = int(gpus)
-    if gpus < 1:
-        raise MegfbError(f"--gpus must be at least 1, got {gpus}")
     if not mge.is_cuda_available():
-        print("no GPU available: training on CPU in a single process"
-              + (f" (--gpus {gpus} ignored)" if gpus > 1 else ""))
+        print(f"device: CPU, MegEngine device {mge.get_default_device()} (no GPU available: "
+              "training on CPU in a single process" + (f"; --gpus {gpus} ignored)" if gpus > 1 else ")"))
         return run_training(cfg, restart)
     if gpus == 1:
+        print(f"device: GPU, MegEngine device {mge.get_default_device()}")
         return run_training(cfg, restart)
     available = mge.device.get_device_count("gpu")
     if gpus > available:
@@ -243,6 +221,7 @@ def train(cfg, gpus=1, restart=False):
         raise MegfbError(f"config key 'data.batch_size' ({cfg['data']['batch_size']}) "
                          f"must be divisible by --gpus {gpus}")
     # One process per GPU; gradients are averaged by the GradManager's all-reduce callback.
+    print(f"device: gpu0..gpu{gpus - 1} ({gpus} GPUs, one process each, data-parallel)")
     return dist.launcher(run_training, n_gpus=gpus)(cfg, restart)[0]
 
 
@@ -277,8 +256,7 @@ def run_training(cfg, restart=False):
             train_idx = np.arange(len(noisy))  # the final recipe; validation is then optimistic
         split = {"val_fraction": d["val_fraction"], "seed": d["split_seed"], "train_on_all": d["train_on_all"],
                  "train_idx": np.asarray(train_idx), "val_idx": np.asarray(val_idx)}
-    cap = cfg["data"]["val_patches"]
-    val_sel = np.sort(np.asarray(val_idx)[: int(cap)] if cap else np.asarray(val_idx))
+    val_sel = validation_patches(val_idx, cfg["data"]["val_patches"])
     val_noisy, val_clean = np.asarray(noisy[val_sel]), np.asarray(clean[val_sel])
 
     mge.random.seed(cfg["seed"])
@@ -335,7 +313,7 @@ def run_training(cfg, restart=False):
         save_checkpoint(ckpt, path)
 
     def validate():
-        """Score EMA (when on) and raw weights; returns False if interrupted meanwhile."""
+        """Score EMA (when on) and raw weights (KeyboardInterrupt at once on a stop request)."""
         results = {}
         eval_sets = [("raw", model)]
         if ema_on:
@@ -344,9 +322,7 @@ def run_training(cfg, restart=False):
             eval_sets.insert(0, ("ema", ema_model))
         preds = None
         for label, m in eval_sets:
-            pred = predict_val(m, val_noisy, stop)
-            if pred is None:
-                return False
+            pred = predict_mosaics(m, val_noisy, progress=False, stop=lambda: stop.requested)
             results[label] = score(pred, val_clean)
             preds = pred if preds is None else preds
         main_label = "ema" if ema_on else "raw"
@@ -373,7 +349,6 @@ def run_training(cfg, restart=False):
                    + (f"; raw {results['raw'][0]:.4f}" if ema_on else "")
                    + f"), PSNR {val['psnr']:.2f} dB; identity {val['identity_score']:.4f}; "
                    f"best {val['best_score']:.4f} at {val['best_iteration']}")
-        return True
 
     loss_cfg, grad_clip = cfg["loss"], cfg["optim"]["grad_clip"]
     log_every, val_every, ckpt_every = (int(tcfg[k]) for k in ("log_every", "val_every", "ckpt_every"))
@@ -428,8 +403,7 @@ def run_training(cfg, restart=False):
                     acc = {"loss": 0.0, "steps": None, "n": 0, "t": now}
                 stop.in_step = False  # the iteration and its log line are complete: a safe place to stop
                 if main and (it % val_every == 0 or it == iterations):
-                    if not validate():
-                        raise KeyboardInterrupt
+                    validate()
                 elif main and it % ckpt_every == 0:
                     save(latest_path)
                 if stop.requested:

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from megfb.cli import main
-from megfb.data import (TrainBatches, compute_stats, dihedral_packed, dihedral_packed_inverse, load_stats, load_val,
+from megfb.data import (TrainBatches, compute_stats, dihedral_packed, dihedral_packed_inverse, load_stats,
                         split_indices)
 from megfb.errors import MegfbError
 from megfb.io import FILE_NAMES, pack_bayer, unpack_bayer, write_bin
@@ -231,11 +231,3 @@ def test_train_batches_bad_input(positions, tmp_path):
         TrainBatches(npath, cpath, [0], 15, 2)
     with pytest.raises(MegfbError, match="out of range"):
         TrainBatches(npath, cpath, [6], 16, 2)
-
-
-def test_load_val(positions):
-    npath, cpath = positions
-    noisy, clean = load_val(npath, cpath, np.array([1, 4, 5]), limit=2)
-    assert noisy.shape == (2, 4, 128, 128) and noisy.dtype == np.float32
-    assert clean.shape == (2, 256, 256) and clean.dtype == np.uint16
-    np.testing.assert_allclose(noisy[0, 0, 0, :2] * 65535, [65535, 65533], atol=1e-3)

@@ -7,7 +7,6 @@ import pytest
 
 from megfb.cli import main
 from megfb.data import dihedral_packed
-from megfb.errors import MegfbError
 from megfb.infer import cmd_predict, predict_bin, predict_packed
 from megfb.io import pack_bayer, read_bin, write_bin
 from megfb.model import build_model
@@ -111,5 +110,30 @@ def test_cli_bad_input_leaves_no_output(tmp_path, capsys):
     assert code == 1
     assert "in.bin" in capsys.readouterr().err
     assert not (tmp_path / "out.bin").exists()
-    with pytest.raises(MegfbError, match="batch"):
-        cmd_predict(_args(tmp_path, batch_size=0))
+    with pytest.raises(SystemExit) as exit_info:  # checked while parsing, before any file is read
+        main(["predict", "--ckpt", a.ckpt, "--input", a.input, "--output", a.output, "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "--batch-size: must be at least 1" in capsys.readouterr().err
+
+
+def test_batching_is_device_aware(monkeypatch):
+    """One patch per forward on CPU, whole batches on a GPU, an explicit --batch-size honoured
+    on both; the model itself never splits a batch."""
+    from megfb import infer
+
+    model = _tiny()
+    seen = []
+    model.conv_in.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[0]))
+    x = np.random.RandomState(7).rand(10, 4, 8, 8).astype(np.float32) * 0.3
+    outs = {}
+    for device, gpu, batch, expected in (("cpu", False, None, [1] * 10), ("gpu", True, None, [8, 2]),
+                                         ("cpu-3", False, 3, [3, 3, 3, 1]), ("gpu-4", True, 4, [4, 4, 2])):
+        monkeypatch.setattr(infer, "on_gpu", lambda gpu=gpu: gpu)
+        seen.clear()
+        outs[device] = predict_packed(model, x, batch_size=batch, progress=False)
+        assert seen == expected, device
+    for device in ("gpu", "cpu-3", "gpu-4"):
+        np.testing.assert_allclose(outs[device], outs["cpu"], rtol=1e-5, atol=1e-6)
+    seen.clear()
+    model.eval()
+    model(mge.tensor(x[:3]))
+    assert seen == [3]

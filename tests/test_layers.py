@@ -7,9 +7,9 @@ import pytest
 from megengine.autodiff import GradManager
 
 from megfb.baselines import pixel_shuffle, pixel_unshuffle
-from megfb.layers import (GDFN, GELU_LOGIT_POLY, MDTA, Conv2d, DepthwiseConv, LayerNorm,
-                          PDConvFuse, Pointwise, TransformerBlock, fit_gelu_logit_poly, gelu,
-                          phases_to_space, set_fast, space_to_phases)
+from megfb.layers import (GDFN, MDTA, Conv2d, DepthwiseConv, LayerNorm, PDConvFuse, Pointwise,
+                          TransformerBlock, gelu, set_fast)
+from megfb.ops import GELU_LOGIT_POLY, fit_gelu_logit_poly, phases_to_space, space_to_phases
 from megfb.model import build_model
 
 RTOL = 1e-5

@@ -126,6 +126,8 @@ def test_synth_all_or_nothing(tmp_path, monkeypatch):
 
 
 def test_synth_bad_counts(tmp_path, capsys):
-    assert _synth(tmp_path, train=0) == 1
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, before any work
+        _synth(tmp_path, train=0)
+    assert exit_info.value.code == 2
     assert "--train" in capsys.readouterr().err
     assert not tmp_path.exists() or os.listdir(tmp_path) == []

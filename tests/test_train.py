@@ -92,6 +92,7 @@ def test_loss_falls_and_run_directory(tmp_path, capsys):
     summary = trainer.train(cfg, gpus=2)
     out = capsys.readouterr().out
     assert "training on CPU in a single process" in out
+    assert out.splitlines()[0].startswith("device: CPU")  # the device, first of all
     run = tmp_path / "runs" / "tiny"
     assert sorted(os.listdir(run)) == ["best.mge", "config.yaml", "curves.png", "latest.mge", "log.jsonl"]
     records = [yaml.safe_load(line) for line in open(run / "log.jsonl")]
