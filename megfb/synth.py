@@ -1,7 +1,8 @@
 """Contest-format synthetic raw pairs: the default data when data/ holds no contest files.
 
 Recipe (shared/spec/synthetic-raw.md): crops of the colour photographs that ship inside the
-scikit-image wheel (plus procedural "dead leaves" scenes for variety) are unprocessed to linear
+scikit-image wheel, and procedural scenes (megfb/scenes.py: textures, strokes, gradients,
+highlights, dead leaves) for what a handful of photos lacks, are unprocessed to linear
 camera RGB (inverse sRGB curve, inverse colour matrix, inverse white balance; Brooks et al.,
 "Unprocessing Images for Learned Raw Denoising", CVPR 2019), mosaicked to RGGB, exposed so the
 set's packed statistics land near the contest's published ones, and given the noise of a real
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 import yaml
 
+from . import scenes
 from .atomic import atomic_output
 from .errors import MegfbError
 from .io import (FILE_NAMES, PATCH, PUBLISHED_MEAN, PUBLISHED_STD, contest_paths, pack_bayer,
@@ -45,7 +47,7 @@ SETTINGS = {
     "iso": [800, 6400],  # log-uniform per patch
     "red_gain": [1.6, 2.4],  # white-balance gains undone per patch
     "blue_gain": [1.4, 2.2],
-    "dead_leaves_fraction": 0.25,  # share of procedural scenes among the patches
+    "procedural_fraction": 0.4,  # share of procedural scenes (megfb.scenes, every kind alike)
     # Exposure: per patch, the green signal mean (DN above black) is drawn log-normal; these two
     # constants were tuned so the packed per-channel mean/std land near the contest's figures.
     "exposure_log_mean": 3.2,
@@ -82,11 +84,6 @@ RGB2XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
 RGGB = (0, 1, 1, 2)  # colour of packed channels (0,0), (0,1), (1,0), (1,1)
 
 
-def inverse_srgb(x):
-    """sRGB-encoded [0, 1] -> linear light."""
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-
-
 # ---------------------------------------------------------------------------------- content
 
 @functools.lru_cache(maxsize=None)
@@ -106,7 +103,7 @@ def load_photo(name):
             img = getattr(skimage.data, name)()
     if img.dtype != np.uint8:
         raise RuntimeError(f"skimage.data.{name} is {img.dtype}, expected uint8")
-    lut = inverse_srgb(np.arange(256) / 255.0).astype(np.float32)
+    lut = scenes.inverse_srgb(np.arange(256) / 255.0).astype(np.float32)
     img = lut[img]
     return img[..., None] if img.ndim == 2 else img[..., :3]
 
@@ -125,54 +122,31 @@ def photo_crop(rng, photo):
     return crop[:, ::-1] if rng.integers(2) else crop
 
 
-def dead_leaves(rng, size=PATCH):
-    """A "dead leaves" scene: occluding discs with a power-law radius distribution (the
-    scale-invariant statistics of natural images), random linear colours, mild shading."""
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = rng.uniform(0, 1, 3) ** 2.2
-    rmin, rmax = 3.0, 90.0
-    n = int(rng.integers(60, 160))
-    u = rng.uniform(size=n)
-    radii = (rmin ** -2 - u * (rmin ** -2 - rmax ** -2)) ** -0.5  # density ~ r^-3
-    centres = rng.uniform(-10, size + 10, size=(n, 2))
-    colours = (rng.uniform(0, 1, (n, 3)) ** 2.2).astype(np.float32)
-    slopes = rng.normal(0, 0.3, (n, 2)) / radii[:, None]
-    for r, (cy, cx), c, (gy, gx) in zip(radii, centres, colours, slopes):
-        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, size)
-        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, size)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        dy, dx = yy - cy, xx - cx
-        inside = dy * dy + dx * dx <= r * r
-        shade = np.clip(1 + gy * dy + gx * dx, 0.2, 1.8)[..., None]
-        img[y0:y1, x0:x1] = np.where(inside[..., None], c * shade, img[y0:y1, x0:x1])
-    # a little optical blur: real lenses do not produce perfectly sharp one-pixel edges
-    return cv2.GaussianBlur(np.clip(img, 0, 1), (0, 0), 0.7)
-
-
 def clean_scenes(rng, n, photos):
-    """n linear-RGB scenes (n, 256, 256, 3) float32 on roughly [0, 1]."""
-    scenes = np.empty((n, PATCH, PATCH, 3), np.float32)
-    leaves = rng.uniform(size=n) < SETTINGS["dead_leaves_fraction"]
+    """n linear-RGB scenes (n, 256, 256, 3) float32 on roughly [0, 1]: crops of the photos, and
+    a share (SETTINGS["procedural_fraction"]) of procedural scenes of every kind in
+    megfb.scenes (textures, strokes, gradients, highlights, dead leaves)."""
+    out = np.empty((n, PATCH, PATCH, 3), np.float32)
+    procedural = rng.uniform(size=n) < SETTINGS["procedural_fraction"]
+    kinds = rng.integers(0, len(scenes.KINDS), size=n)
     for i in range(n):
-        if leaves[i]:
-            scenes[i] = dead_leaves(rng)
+        if procedural[i]:
+            out[i] = scenes.procedural_scene(rng, scenes.KINDS[kinds[i]])
         else:
-            scenes[i] = photo_crop(rng, load_photo(photos[int(rng.integers(len(photos)))]))
-    return scenes
+            out[i] = photo_crop(rng, load_photo(photos[int(rng.integers(len(photos)))]))
+    return out
 
 
 # ------------------------------------------------------------------------ camera + sensor
 
-def unprocess_mosaic(rng, scenes):
+def unprocess_mosaic(rng, rgb):
     """Linear sRGB scenes (n, H, W, 3) -> linear camera RGGB mosaics (n, H, W) float32.
 
     Inverse colour matrix and inverse white balance are one 3x3 map per patch; each Bayer
     site only needs its own row of it, so it is applied to the packed planes (a third of the
     work of converting all three colours everywhere).
     """
-    n = len(scenes)
+    n = len(rgb)
     w = rng.uniform(1e-8, 1, size=(n, len(XYZ2CAMS)))
     xyz2cam = np.einsum("nk,kij->nij", w, XYZ2CAMS) / w.sum(axis=1)[:, None, None]
     rgb2cam = xyz2cam @ RGB2XYZ
@@ -180,7 +154,7 @@ def unprocess_mosaic(rng, scenes):
     gains = np.stack([rng.uniform(*SETTINGS["red_gain"], size=n), np.ones(n),
                       rng.uniform(*SETTINGS["blue_gain"], size=n)], axis=1)
     site = rgb2cam[:, RGGB, :] / gains[:, RGGB, None]  # (n, 4 sites, 3 colours)
-    planes = pack_bayer(scenes.transpose(0, 3, 1, 2))  # (n, 3 colours, 4 sites, h, w)
+    planes = pack_bayer(rgb.transpose(0, 3, 1, 2))  # (n, 3 colours, 4 sites, h, w)
     raw = np.einsum("nkj,njkhw->nkhw", site.astype(np.float32), planes, optimize=True)
     return unpack_bayer(np.maximum(raw, 0))
 
@@ -216,8 +190,8 @@ def add_sensor_noise(rng, signal):
 
 def _chunk(seed, stream, c, n, photos):
     rng = np.random.default_rng([seed, stream, c])
-    scenes = clean_scenes(rng, n, photos)
-    return add_sensor_noise(rng, expose(rng, unprocess_mosaic(rng, scenes)))
+    rgb = clean_scenes(rng, n, photos)
+    return add_sensor_noise(rng, expose(rng, unprocess_mosaic(rng, rgb)))
 
 
 def generate(n, photos, seed, stream, threads=None):
