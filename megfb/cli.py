@@ -64,6 +64,16 @@ def fraction(text):
     return value
 
 
+def share(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _handler(module, func):
     def run(args):
         return getattr(importlib.import_module(f"megfb.{module}"), func)(args)
@@ -102,6 +112,12 @@ def build_parser():
     p.add_argument("--test", type=positive_int, default=256, metavar="N", help="test patches")
     p.add_argument("--seed", type=non_negative_int, default=0, help="the data are a pure function of it")
     p.add_argument("--force", action="store_true", help="regenerate an existing synthetic set (never real files)")
+    p.add_argument("--photos", action="append", metavar="DIR",
+                   help="a folder of your own 8/16-bit sRGB PNG/JPEG/TIFF/BMP photographs as the clean "
+                   "content, split by file between the training and test files; repeatable "
+                   "(default: the photographs shipped inside scikit-image)")
+    p.add_argument("--procedural", type=share, default=None, metavar="F",
+                   help="share of procedural scenes among the patches (default: 0.4)")
     p.set_defaults(func=_handler("synth", "cmd_synth"))
     p = dsub.add_parser("stats", help="black level, per-channel mean/std, identity score; writes data/stats.yaml")
     p.add_argument("--data-dir", default="data", metavar="DIR", help="folder holding the training pair")

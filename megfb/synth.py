@@ -86,12 +86,20 @@ RGGB = (0, 1, 1, 2)  # colour of packed channels (0,0), (0,1), (1,0), (1,1)
 
 # ---------------------------------------------------------------------------------- content
 
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MAX_PHOTO_SIDE = 1024  # user photos are area-downscaled in linear light to this long side
+TEST_SHARE = 8  # with --photos, one photo in TEST_SHARE (at least one) goes to the test file
+
+
 @functools.lru_cache(maxsize=None)
 def load_photo(name):
-    """A scikit-image sample photo as linear RGB float32 (H, W, 3), or (H, W, 1) when grey.
+    """A photo as linear RGB float32 (H, W, 3), or (H, W, 1) when grey: a scikit-image sample
+    photo by name, or a file (a path; see read_photo_file).
 
     Linearised once per photo, before any resampling, so crops are scaled in linear light.
     """
+    if name.lower().endswith(PHOTO_EXTENSIONS):
+        return read_photo_file(name)
     # skimage's lazy imports after megengine warn about numpy's float limits; harmless
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -106,6 +114,81 @@ def load_photo(name):
     lut = scenes.inverse_srgb(np.arange(256) / 255.0).astype(np.float32)
     img = lut[img]
     return img[..., None] if img.ndim == 2 else img[..., :3]
+
+
+def read_photo_file(path):
+    """An sRGB-encoded 8- or 16-bit PNG/JPEG/TIFF/BMP photo as linear RGB float32 (H, W, 3) or
+    (H, W, 1), downscaled (area, in linear light) to MAX_PHOTO_SIDE; MegfbError naming the
+    file when it is unreadable, not a photo, or smaller than one 256x256 crop."""
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise MegfbError(f"photo {path} cannot be read as an image (unreadable or truncated file)")
+    if img.dtype == np.uint8:
+        scale = 255.0
+    elif img.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        raise MegfbError(f"photo {path} holds {img.dtype} values; expected an 8- or 16-bit image")
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., :3]  # alpha dropped
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = img[..., ::-1]  # OpenCV reads BGR
+    elif img.ndim != 2:
+        raise MegfbError(f"photo {path} has {img.shape[2]} channels; expected grey or RGB")
+    h, w = img.shape[:2]
+    if min(h, w) < PATCH:
+        raise MegfbError(f"photo {path} is {w}x{h}, smaller than one {PATCH}x{PATCH} crop")
+    linear = scenes.inverse_srgb(img.astype(np.float32) / np.float32(scale)).astype(np.float32)
+    if max(h, w) > MAX_PHOTO_SIDE:
+        f = MAX_PHOTO_SIDE / max(h, w)
+        size = (max(PATCH, round(w * f)), max(PATCH, round(h * f)))
+        linear = cv2.resize(linear, size, interpolation=cv2.INTER_AREA)
+    return linear[..., None] if linear.ndim == 2 else np.ascontiguousarray(linear)
+
+
+def find_photos(folders):
+    """Photo files (PHOTO_EXTENSIONS, any case) directly inside each folder, sorted."""
+    found = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise MegfbError(f"--photos {folder} is not a folder")
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(PHOTO_EXTENSIONS))
+        if not names:
+            raise MegfbError(f"--photos {folder} holds no photos ({', '.join(PHOTO_EXTENSIONS)})")
+        found += [os.path.join(folder, n) for n in names]
+    return found
+
+
+def split_photos(folders):
+    """(train sources, test sources, manifest entries) for the photos in `folders`.
+
+    Every photo is read and checked first (nothing is written on a bad one). The split goes
+    by content hash: the photos sorted by SHA-256, every TEST_SHARE-th one to the test file,
+    so no photo is in both files, and adding a photo moves no other photo across.
+    """
+    paths = find_photos(folders)
+    entries = []
+    for path in paths:
+        img = load_photo(path)
+        entries.append({"path": os.path.abspath(path), "sha256": sha256_file(path),
+                        "used_size": [int(img.shape[1]), int(img.shape[0])]})
+    seen = {}
+    for e in entries:
+        if e["sha256"] in seen:
+            raise MegfbError(f"photo {e['path']} is the same file as {seen[e['sha256']]}")
+        seen[e["sha256"]] = e["path"]
+    if len(entries) < 2:
+        raise MegfbError(f"--photos needs at least 2 photos (one for the training file, one for the "
+                         f"test file, never shared); found {len(entries)}")
+    entries.sort(key=lambda e: e["sha256"])
+    for i, e in enumerate(entries):
+        e["split"] = "test" if i % TEST_SHARE == TEST_SHARE - 1 else "train"
+    if not any(e["split"] == "test" for e in entries):
+        entries[-1]["split"] = "test"
+    by_path = {os.path.abspath(p): p for p in paths}
+    train = tuple(by_path[e["path"]] for e in entries if e["split"] == "train")
+    test = tuple(by_path[e["path"]] for e in entries if e["split"] == "test")
+    return train, test, entries
 
 
 def photo_crop(rng, photo):
@@ -269,11 +352,13 @@ class _Moments:
         return mean, np.sqrt(np.maximum(self.s2 / self.n - mean ** 2, 0))
 
 
-def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True):
+def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True, photos=None):
     """Write the four .bin files and the note, all or nothing. Returns a summary dict.
 
-    Does not check what data_dir already holds; cmd_synth does that.
+    photos: (train sources, test sources, manifest entries) from split_photos, or None for
+    the scikit-image photos. Does not check what data_dir already holds; cmd_synth does that.
     """
+    train_photos, test_photos, photo_entries = photos or (TRAIN_PHOTOS, TEST_PHOTOS, None)
     from tqdm import tqdm
 
     paths = contest_paths(data_dir)
@@ -284,8 +369,8 @@ def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True):
     with contextlib.ExitStack() as stack:
         tmp = {key: stack.enter_context(atomic_output(p)) for key, p in paths.items()}
         for (noisy_key, clean_key), n, photos, stream in (
-            (("train_input", "train_gt"), n_train, TRAIN_PHOTOS, 0),
-            (("test_input", "test_gt"), n_test, TEST_PHOTOS, 1),
+            (("train_input", "train_gt"), n_train, train_photos, 0),
+            (("test_input", "test_gt"), n_test, test_photos, 1),
         ):
             hashes = [hashlib.sha256(), hashlib.sha256()]
             with open(tmp[noisy_key], "wb") as fn, open(tmp[clean_key], "wb") as fc:
@@ -308,7 +393,8 @@ def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True):
             "generator": "megfb data synth (shared/spec/synthetic-raw.md)",
             "seed": seed,
             "counts": {"train": n_train, "test": n_test},
-            "photos": {"train": list(TRAIN_PHOTOS), "test": list(TEST_PHOTOS)},
+            "photos": ({"source": "scikit-image", "train": list(TRAIN_PHOTOS), "test": list(TEST_PHOTOS)}
+                       if photo_entries is None else {"source": "--photos", "files": photo_entries}),
             "settings": dict(SETTINGS),
             "sensor": {"model": "OPPO Reno 10x (PMRID)", "black_dn10": BLACK, "white_dn10": WHITE, "scale_to_16bit": 64},
             "train_input_mean": [round(float(v), 5) for v in mean],
@@ -342,10 +428,16 @@ def cmd_synth(args):
         print(f"synthetic set already in {data_dir} (seed {note.get('seed')}, {c.get('train')} train / "
               f"{c.get('test')} test patches); use --force to regenerate it")
         return 0
-    note = synthesize(data_dir, args.train, args.test, args.seed)
+    photos = split_photos(args.photos) if args.photos else None  # every photo checked first
+    if args.procedural is not None:
+        SETTINGS["procedural_fraction"] = args.procedural
+    note = synthesize(data_dir, args.train, args.test, args.seed, photos=photos)
     fmt = lambda v: "[" + ", ".join(f"{x:.4f}" for x in v) + "]"  # noqa: E731
     print(f"synthetic set written to {data_dir}: {args.train} train pairs, {args.test} test patches, "
           f"seed {args.seed}, {note['seconds']:.1f} s")
     print(f"  train input mean {fmt(note['train_input_mean'])}  published {fmt(PUBLISHED_MEAN)}")
     print(f"  train input std  {fmt(note['train_input_std'])}  published {fmt(PUBLISHED_STD)}")
+    if photos:
+        print(f"  clean content: {len(photos[0])} photos for the training file, {len(photos[1])} for the "
+              f"test file, {SETTINGS['procedural_fraction']:.0%} procedural scenes (listed in {NOTE_NAME})")
     return 0

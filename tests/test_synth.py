@@ -131,3 +131,97 @@ def test_synth_bad_counts(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--train" in capsys.readouterr().err
     assert not tmp_path.exists() or os.listdir(tmp_path) == []
+
+
+def _photo(path, h=300, w=320, seed=0, bits=8):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([np.sin(xx * rng.uniform(3, 9) + c) * 0.4 + 0.5 + yy * 0.1 for c in range(3)], -1)
+    top = 65535 if bits == 16 else 255
+    import cv2
+
+    assert cv2.imwrite(str(path), np.clip(img * top, 0, top).astype(np.uint16 if bits == 16 else np.uint8))
+    return path
+
+
+def test_photos_become_the_clean_content(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (ext, bits) in enumerate([("png", 8), ("jpg", 8), ("tif", 16), ("PNG", 8), ("bmp", 8),
+                                     ("tiff", 16), ("jpeg", 8), ("png", 16), ("png", 8)]):
+        _photo(photos / f"p{i}.{ext}", seed=i, bits=bits)
+    (photos / "notes.txt").write_text("not a photo")  # other files are ignored
+    out = tmp_path / "data"
+    assert _synth(out, "--photos", str(photos), "--procedural", "0", train=8, test=4) == 0
+    assert "8 photos for the training file, 1 for the test file" in capsys.readouterr().out
+    note = yaml.safe_load((out / synth.NOTE_NAME).read_text())
+    files = note["photos"]["files"]
+    assert note["photos"]["source"] == "--photos" and len(files) == 9
+    assert {f["split"] for f in files} == {"train", "test"}
+    for f in files:  # every photo listed with its hash
+        assert f["sha256"] == hashlib.sha256(open(f["path"], "rb").read()).hexdigest()
+    train = {f["path"] for f in files if f["split"] == "train"}
+    test = {f["path"] for f in files if f["split"] == "test"}
+    assert not train & test and len(train) + len(test) == 9
+    noisy, clean = read_pair(out / FILE_NAMES["train_input"], out / FILE_NAMES["train_gt"])
+    assert noisy.shape == (8, 256, 256) and clean.min() >= 64 * 64
+
+
+def test_photo_split_is_disjoint_and_by_content(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(20):
+        _photo(photos / f"p{i:02d}.png", seed=i)
+    train, test, entries = synth.split_photos([str(photos)])
+    assert len(test) == 2 and len(train) == 18 and not set(train) & set(test)
+    # the split follows the files' contents, not their names
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for e in entries:
+        os.link(e["path"], renamed / ("x" + e["sha256"][:8] + ".png"))
+    _, test2, entries2 = synth.split_photos([str(renamed)])
+    assert sorted(e["sha256"] for e in entries2 if e["split"] == "test") == \
+        sorted(e["sha256"] for e in entries if e["split"] == "test")
+
+
+def test_16_bit_photos_keep_their_precision(tmp_path):
+    import cv2
+
+    ramp = (np.arange(256 * 256, dtype=np.uint32) % 65536).astype(np.uint16).reshape(256, 256)
+    path = tmp_path / "ramp16.tif"
+    cv2.imwrite(str(path), np.stack([ramp] * 3, -1))
+    linear = synth.read_photo_file(str(path))
+    assert linear.dtype == np.float32
+    # 65536 distinct codes stay distinct (an 8-bit read would leave 256)
+    assert len(np.unique(linear[..., 0])) == 65536
+
+
+def test_photo_errors_name_the_file_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "data"
+    cases = {}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases["empty"] = (empty, "holds no photos")
+    small = tmp_path / "small"
+    small.mkdir()
+    _photo(small / "a.png")
+    _photo(small / "tiny.png", h=200, w=500)
+    cases["small"] = (small, "tiny.png is 500x200, smaller than one 256x256 crop")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _photo(broken / "a.png")
+    _photo(broken / "b.jpg")
+    data = (broken / "b.jpg").read_bytes()
+    (broken / "b.jpg").write_bytes(data[:40])
+    cases["broken"] = (broken, "b.jpg cannot be read")
+    one = tmp_path / "one"
+    one.mkdir()
+    _photo(one / "a.png")
+    cases["one"] = (one, "at least 2 photos")
+    cases["missing"] = (tmp_path / "nowhere", "is not a folder")
+    for name, (folder, message) in cases.items():
+        capsys.readouterr()
+        assert _synth(out, "--photos", str(folder)) == 1, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (name, err)
+        assert not out.exists() or os.listdir(out) == [], name
