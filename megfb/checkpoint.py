@@ -70,6 +70,38 @@ def load_weights(model, state, source):
     return model
 
 
+def initialise_from(model, path, strict=True, expected_sha256=None):
+    """Load the weights of a published-layout state dict or a trainer checkpoint (its EMA
+    weights when it has them) into `model`, for fine-tuning (train.init_from).
+
+    strict: every key must be there with its shape (one sentence naming the first that does
+    not fit); otherwise what fits is loaded and the rest is listed. The mean/std constants
+    come along: the loaded network then computes exactly the function it was trained as.
+    Returns {"path", "sha256", "weights", "skipped"}.
+    """
+    from .io import sha256_file
+
+    obj = load_checkpoint(path)
+    digest = sha256_file(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise MegfbError(f"train.init_from {path} has SHA-256 {digest}, not the "
+                         f"train.init_from_sha256 {expected_sha256} the config names")
+    if is_trainer_checkpoint(obj):
+        weights = "ema" if obj.get("ema") is not None else "model"
+        state = obj[weights]
+    else:
+        weights, state = "state_dict", obj
+    if strict:
+        load_weights(model, state, path)
+        return {"path": path, "sha256": digest, "weights": weights, "skipped": []}
+    expected = model.state_dict()
+    fits = {k: _as_array(v) for k, v in state.items()
+            if k in expected and tuple(_as_array(v).shape) == tuple(_as_array(expected[k]).shape)}
+    skipped = sorted(set(expected) - set(fits)) + sorted(set(state) - set(expected))
+    model.load_state_dict({**{k: _as_array(v) for k, v in expected.items()}, **fits}, strict=True)
+    return {"path": path, "sha256": digest, "weights": weights, "skipped": skipped}
+
+
 def model_from_checkpoint(path, config_path=None, prefer_ema=True):
     """Build and load a model from either checkpoint kind.
 

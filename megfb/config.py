@@ -57,6 +57,12 @@ DEFAULTS = {
         "log_every": 10,
         "ckpt_every": 100,  # `latest` checkpoint cadence (also written at every validation)
         "ema_decay": None,  # e.g. 0.999; None = no EMA
+        # fine-tuning: weights loaded before iteration 0 (a published-layout state dict or a
+        # trainer checkpoint); optimizer, schedule and EMA start fresh; the checkpoint's
+        # mean/std constants are kept. A run records the file's SHA-256 (and checks it when set).
+        "init_from": None,
+        "init_from_sha256": None,
+        "init_strict": True,  # false: load the keys that fit, list the others
         "progressive": None,  # list of {until: iteration, crop: px, batch_size: n}
         "preview_crops": 3,
     },

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_output
-from .checkpoint import is_trainer_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import (initialise_from, is_trainer_checkpoint, load_checkpoint, load_weights,
+                         save_checkpoint)
 from .config import dump_config, load_config
 from .errors import MegfbError
 from .evaluate import validation_patches
@@ -263,6 +264,16 @@ def run_training(cfg, restart=False):
     np.random.seed(cfg["seed"])
     model = build_model(cfg["model"], stats["mean"], stats["std"])
     resolved = dict(cfg, model=resolve_model_config(cfg["model"]))
+    if resume is None and tcfg["init_from"]:
+        init = initialise_from(model, tcfg["init_from"], tcfg["init_strict"], tcfg["init_from_sha256"])
+        # the network keeps the constants it was trained with (first forward = loaded model's)
+        stats = dict(stats, mean=model.mean.numpy().ravel().tolist(), std=model.std.numpy().ravel().tolist())
+        resolved = dict(resolved, train=dict(tcfg, init_from_sha256=init["sha256"]))
+        print(f"initialised from {init['path']} ({init['weights']} weights, sha256 {init['sha256'][:12]})"
+              + (f"; not loaded: {', '.join(init['skipped'])}" if init["skipped"] else ""))
+    elif resume is not None and tcfg["init_from"]:  # a resumed fine-tune keeps its record
+        recorded = resume["config"]["train"].get("init_from_sha256")
+        resolved = dict(resolved, train=dict(tcfg, init_from_sha256=recorded))
     opt = make_optimizer(cfg["optim"], model.parameters())
     gm = GradManager().attach(model.parameters(),
                               callbacks=[dist.make_allreduce_cb("mean")] if world > 1 else None)

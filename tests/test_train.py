@@ -235,3 +235,86 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     ckpt = load_checkpoint(str(tmp_path / "runs" / "tiny" / "latest.mge"))
     assert ckpt["iteration"] == 4
     assert all(np.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def _reference_state(tmp_path, model_cfg=None, seed=5):
+    """A published-layout state dict with random weights and its own mean/std constants."""
+    import megengine as mge
+
+    from megfb.model import build_model
+
+    model = build_model(dict(TINY_MODEL, **(model_cfg or {})), mean=[0.2, 0.3, 0.31, 0.25], std=[0.1, 0.2, 0.21, 0.15])
+    rng = np.random.RandomState(seed)
+    state = {k: v if k in ("mean", "std") else v + rng.randn(*v.shape).astype(np.float32) * 0.05
+             for k, v in model.state_dict().items()}
+    path = tmp_path / "published.mge"
+    mge.save(state, str(path))
+    return str(path), state
+
+
+def test_init_from_first_forward_equals_the_loaded_model(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import megengine as mge
+
+    from megfb.model import build_model
+
+    path, state = _reference_state(tmp_path)
+    config = tiny_config(tmp_path, iterations=2, val_every=2)
+    seen = {}
+    real_loss, real_batches = trainer.supervised_loss, trainer.train_batches
+
+    def loss(outputs, clean, cfg):
+        seen.setdefault("outputs", [o.numpy() for o in outputs])
+        return real_loss(outputs, clean, cfg)
+
+    def batches(*args, **kwargs):
+        for noisy, clean in real_batches(*args, **kwargs):
+            seen.setdefault("noisy", noisy.copy())
+            yield noisy, clean
+
+    monkeypatch.setattr(trainer, "supervised_loss", loss)
+    monkeypatch.setattr(trainer, "train_batches", batches)
+    trainer.train(load_config(config, [f"train.init_from={path}"]))
+    assert f"initialised from {path} (state_dict weights" in capsys.readouterr().out
+    reference = build_model(TINY_MODEL)
+    reference.load_state_dict(state)
+    reference.train()
+    want = [o.numpy() for o in reference(mge.tensor(seen["noisy"]))]
+    for got, ref in zip(seen["outputs"], want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # the run keeps the checkpoint's constants (not the data's) and records the file
+    run = tmp_path / "runs" / "tiny"
+    ckpt = load_checkpoint(str(run / "latest.mge"))
+    np.testing.assert_allclose(ckpt["model"]["mean"], state["mean"])
+    np.testing.assert_allclose(ckpt["stats"]["std"], np.ravel(state["std"]), rtol=1e-6)
+    saved = yaml.safe_load(open(run / "config.yaml"))["train"]
+    assert saved["init_from"] == path
+    assert saved["init_from_sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    # resuming a fine-tune continues from latest.mge; nothing is loaded again
+    trainer.train(load_config(config, [f"train.init_from={path}", "train.iterations=3"]))
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "initialised from" not in out
+    assert yaml.safe_load(open(run / "config.yaml"))["train"]["init_from_sha256"] == saved["init_from_sha256"]
+
+
+def test_init_from_strict_and_lenient(tmp_path, capsys):
+    path, state = _reference_state(tmp_path, {"num_steps": 1})  # no GFM in a one-step model
+    config = tiny_config(tmp_path, iterations=1, val_every=1)
+    with pytest.raises(MegfbError, match=r"published\.mge: missing key 'block\.GFM\.0\.conv1x1\.bias'"):
+        trainer.train(load_config(config, [f"train.init_from={path}"]))
+    assert not (tmp_path / "runs" / "tiny" / "latest.mge").exists()
+    trainer.train(load_config(config, [f"train.init_from={path}", "train.init_strict=false"]))
+    out = capsys.readouterr().out
+    assert "not loaded: block.GFM.0.conv1x1.bias, block.GFM.0.conv1x1.weight, block.GFM.1.bias, block.GFM.1.weight" in out
+    (tmp_path / "full").mkdir()
+    bad = dict(_reference_state(tmp_path / "full")[1])
+    bad["block.trans_list.0.ffn.dwconv.weight"] = np.zeros((9, 1, 1, 5, 5), np.float32)
+    import megengine as mge
+
+    mge.save(bad, str(tmp_path / "bad.mge"))
+    with pytest.raises(MegfbError, match=r"key 'block\.trans_list\.0\.ffn\.dwconv\.weight' has shape \(9, 1, 1, 5, 5\)"):
+        trainer.train(load_config(config, [f"train.init_from={tmp_path / 'bad.mge'}", "name=bad"]))
+    with pytest.raises(MegfbError, match="not the train.init_from_sha256 abc"):
+        trainer.train(load_config(config, [f"train.init_from={path}", "train.init_from_sha256=abc",
+                                           "train.init_strict=false", "name=hash"]))
