@@ -22,7 +22,7 @@ help:
 	@echo "make data    generate the synthetic default set (if needed) and data/stats.yaml"
 	@echo "make bench   plain vs fast paths, side by side"
 	@echo "make test    set up and run the tests"
-	@echo "make clean   remove the virtual environment, runs and generated data"
+	@echo "make clean   remove what the project generated (venv, runs, synthetic data); never your files"
 
 venv: $(STAMP)
 
@@ -66,7 +66,8 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Only what the project generated (megfb/clean.py): contest files, submission zips and any
+# file it does not know stay. Runs with the venv's Python, or python3 when the venv is gone.
 clean:
-	rm -rf $(VENV) runs build *.egg-info megfb.egg-info bench.json
-	find data -mindepth 1 ! -name README.md -delete
-	find submit -mindepth 1 ! -name README.md -delete
+	@if [ -x $(PY) ]; then py=$(PY); else py=python3; fi; \
+	PYTHONPATH=. "$$py" -m megfb.clean --venv $(VENV)

@@ -279,6 +279,9 @@ def format_table(res):
 
 
 def cmd_bench(args):
+    from .atomic import check_output
+
+    check_output(args.out, force=True, what="--out")  # bench.json is the project's rolling output
     res = run_bench(repeats=args.repeats, quick=args.quick)
     print(format_table(res))
     with atomic_output(args.out) as tmp:

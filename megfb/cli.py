@@ -5,7 +5,9 @@ imported only when their command runs, so `--help` stays fast. Value checks that
 files (positive counts, fractions) happen here, while parsing, with argparse's one-line error.
 """
 import argparse
+import errno
 import importlib
+import signal
 import sys
 
 from . import __version__
@@ -86,7 +88,8 @@ def _add_model_source(p, required=False):
                    help="a trainer checkpoint or a plain published-layout state dict"
                    + ("" if required else " (default: best.mge of the newest run under runs/)"))
     p.add_argument("--config", metavar="YAML",
-                   help="model config for a plain state dict (default: the FBRestormer defaults)")
+                   help="model config for a plain state dict (default: the FBRestormer defaults); "
+                   "refused with a trainer checkpoint, which carries its own")
 
 
 def _add_prediction(p):
@@ -125,6 +128,8 @@ def build_parser():
                    help="held-out share of the pairs (statistics use the rest)")
     p.add_argument("--split-seed", type=non_negative_int, default=0, metavar="S", help="seed of the split")
     p.add_argument("--out", default=None, metavar="YAML", help="output file (default: DATA_DIR/stats.yaml)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out file that is not a statistics file megfb wrote")
     p.set_defaults(func=_handler("data", "cmd_stats"))
 
     p = sub.add_parser("train", help="train from a YAML config; rerunning resumes from `latest`")
@@ -133,7 +138,10 @@ def build_parser():
                    help="dotted config overrides, e.g. train.iterations=500")
     p.add_argument("--gpus", type=positive_int, default=1, metavar="N",
                    help="data-parallel GPUs (ignored on a machine without a GPU)")
-    p.add_argument("--restart", action="store_true", help="ignore an existing run directory's checkpoints")
+    p.add_argument("--restart", action="store_true",
+                   help="start the run over: remove its checkpoints, log and curves (nothing else)")
+    p.add_argument("--check-config", action="store_true",
+                   help="only resolve and validate the config (every key's type and range), then exit")
     p.set_defaults(func=_handler("train", "cmd_train"))
 
     p = sub.add_parser("eval", help="score a checkpoint on its validation split (and synthetic test targets)")
@@ -149,6 +157,7 @@ def build_parser():
     _add_prediction(p)
     p.add_argument("--input", required=True, metavar="IN.bin", help="contest-format noisy patches")
     p.add_argument("--output", required=True, metavar="OUT.bin", help="where the predictions go")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file (never an input)")
     p.set_defaults(func=_handler("infer", "cmd_predict"))
 
     p = sub.add_parser("score", help="contest score and PSNR of a prediction .bin against a ground-truth .bin")
@@ -177,11 +186,39 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
     p.add_argument("--out", default="bench.json", metavar="JSON", help="where the figures are written")
     p.set_defaults(func=_handler("bench", "cmd_bench"))
+
+    p = sub.add_parser("clean", help="remove what the project generated (never contest files, "
+                       "submissions or files it does not know)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--root", default=".", metavar="DIR", help="the project folder")
+    p.set_defaults(func=_handler("clean", "cmd_clean"))
     return parser
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _os_error_line(exc):
+    """One line for an OSError that reached the top: what failed, on which file."""
+    name = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += " (free some space and rerun; nothing half-written was kept)"
+    return f"{name}: {reason}" if name else reason
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a batch system's time limit) is handled like Ctrl-C: every command's
+    # clean-up runs (temporaries removed, the trainer saves latest.mge) and the exit code is
+    # 130 for both, the code the trainer has always documented.
+    previous = None
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (an embedding program)
+            previous = None
     try:
         code = args.func(args)
     except MegfbError as exc:
@@ -190,6 +227,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("megfb: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only folder, unreadable file, a folder for a file
+        print(f"megfb: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(code or 0)
 
 

@@ -6,7 +6,9 @@ section is passed to `megfb.model.build_model`, which checks its keys against th
 architecture's constructor.
 """
 import copy
+import math
 import os
+import re
 
 import yaml
 
@@ -26,7 +28,10 @@ DEFAULTS = {
         "train_on_all": False,  # the final recipe trains on 100% (validation is then optimistic)
         "crop": 256,  # raw mosaic crop side in pixels, even (Bayer-aligned)
         "batch_size": 8,
-        "workers": 2,
+        # loader worker processes; 0 = batches made in the training process. MegEngine's workers
+        # pass batches through a plasma-store-server process that a killed trainer orphans,
+        # and on a 2-core machine they only compete with the training step for the cores.
+        "workers": 0,
         "augment": True,  # the 8 CFA-preserving dihedral transforms
         "val_patches": None,  # cap on validation patches scored (quick runs); None = all
     },
@@ -69,6 +74,179 @@ DEFAULTS = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept every float spelling as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text_or_file):
+    """yaml.safe_load with numbers such as 1e-4 read as floats."""
+    return yaml.load(text_or_file, Loader=_Loader)
+
+
+# ---------------------------------------------------------------------------- value rules
+# Every key's type and range, checked up front (before any file or folder is created).
+
+def _what(value):
+    return f"{value!r} ({type(value).__name__})" if isinstance(value, str) else repr(value)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo=None, hi=None, none=False):
+    def check(v):
+        if v is None and none:
+            return None
+        if not _is_int(v):
+            return "a whole number" + (" or null" if none else "")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return ("a whole number " + (f"in [{lo}, {hi}]" if hi is not None else f">= {lo}")
+                    + (" or null" if none else ""))
+        return None
+    return check
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False, none=False):
+    def check(v):
+        if v is None and none:
+            return None
+        bounds = ("(" if lo_open else "[") + f"{lo if lo is not None else '-inf'}, " \
+            f"{hi if hi is not None else 'inf'}" + (")" if hi_open or hi is None else "]")
+        want = f"a number in {bounds}" + (" or null" if none else "")
+        if not _is_num(v):
+            return want
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return want
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            return want
+        return None
+    return check
+
+
+def boolean(v):
+    return None if isinstance(v, bool) else "true or false"
+
+
+def text(none=False):
+    def check(v):
+        if v is None and none:
+            return None
+        return None if isinstance(v, str) and v.strip() else "a non-empty string" + (" or null" if none else "")
+    return check
+
+
+def choice(*allowed):
+    return lambda v: None if v in allowed else f"one of {', '.join(allowed)}"
+
+
+def _crop(v):
+    return None if _is_int(v) and v % 2 == 0 and 8 <= v <= 256 else "an even number of pixels in [8, 256]"
+
+
+def _run_name(v):
+    if not (isinstance(v, str) and v.strip()) or "/" in v or os.sep in v or v in (".", ".."):
+        return "a non-empty run name without '/'"
+    return None
+
+
+def _sha256(v):
+    return None if v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)) else \
+        "null or a 64-digit lower-case hex SHA-256"
+
+
+def _betas(v):
+    ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
+    return None if ok else "a list of two numbers in [0, 1)"
+
+
+def _step_weights(v):
+    ok = v is None or (isinstance(v, list) and v and all(_is_num(w) and w >= 0 for w in v))
+    return None if ok else "null or a list of numbers >= 0"
+
+
+def _progressive(v):
+    if v is None:
+        return None
+    want = "null or a list of {until: iteration, crop: px, batch_size: n} mappings"
+    if not isinstance(v, list):
+        return want
+    for entry in v:
+        if not isinstance(entry, dict) or "until" not in entry or set(entry) - {"until", "crop", "batch_size"}:
+            return want
+        if integer(1)(entry["until"]) or ("crop" in entry and _crop(entry["crop"])) \
+                or ("batch_size" in entry and integer(1)(entry["batch_size"])):
+            return want + " (until >= 1, crop even in [8, 256], batch_size >= 1)"
+    return None
+
+
+RULES = {
+    "name": _run_name,
+    "seed": integer(0),
+    "out_dir": text(),
+    "data.dir": text(),
+    "data.train_input": text(),
+    "data.train_gt": text(),
+    "data.stats": text(),
+    "data.val_fraction": number(0, 1, lo_open=True, hi_open=True),
+    "data.split_seed": integer(0),
+    "data.train_on_all": boolean,
+    "data.crop": _crop,
+    "data.batch_size": integer(1),
+    "data.workers": integer(0, 64),
+    "data.augment": boolean,
+    "data.val_patches": integer(1, none=True),
+    "loss.type": choice("weighted_l1", "l1", "l2", "charbonnier", "focal"),
+    "loss.steps": choice("all", "last"),
+    "loss.step_weights": _step_weights,
+    "loss.charbonnier_eps": number(0, lo_open=True),
+    "optim.type": choice("adam", "adamw"),
+    "optim.lr": number(0, lo_open=True),
+    "optim.betas": _betas,
+    "optim.weight_decay": number(0),
+    "optim.grad_clip": number(0, lo_open=True, none=True),
+    "schedule.type": choice("constant", "step", "cosine"),
+    "schedule.step_size": integer(1),
+    "schedule.gamma": number(0, lo_open=True),
+    "schedule.min_lr": number(0),
+    "schedule.warmup": integer(0),
+    "train.iterations": integer(1),
+    "train.val_every": integer(1),
+    "train.log_every": integer(1),
+    "train.ckpt_every": integer(1),
+    "train.ema_decay": number(0, 1, lo_open=True, hi_open=True, none=True),
+    "train.init_from": text(none=True),
+    "train.init_from_sha256": _sha256,
+    "train.init_strict": boolean,
+    "train.progressive": _progressive,
+    "train.preview_crops": integer(0, 64),
+}
+
+
+def _check_rules(cfg):
+    for dotted, rule in RULES.items():
+        value = cfg
+        for part in dotted.split("."):
+            value = value[part]
+        problem = rule(value)
+        if problem:
+            raise MegfbError(f"config key '{dotted}' must be {problem}, got {_what(value)}")
+
+
 def _merge(base, override, prefix=""):
     out = copy.deepcopy(base)
     for key, value in override.items():
@@ -93,20 +271,26 @@ def _merge(base, override, prefix=""):
 
 
 def _read_yaml(path, chain=()):
+    if os.path.isdir(path):
+        raise MegfbError(f"config {path} is a folder, not a YAML file")
     if not os.path.isfile(path):
         raise MegfbError(f"config file not found: {path}")
     if os.path.abspath(path) in chain:
         raise MegfbError(f"config {path}: `base:` chain loops back to itself")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            raw = load_yaml(f) or {}
     except yaml.YAMLError as exc:
         raise MegfbError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise MegfbError(f"config {path} is not a text file (binary content); expected YAML") from None
     if not isinstance(raw, dict):
         raise MegfbError(f"config {path} must be a mapping at the top level")
     base = raw.pop("base", None)
     if base is None:
         return DEFAULTS, raw
+    if not isinstance(base, str) or not base.strip():
+        raise MegfbError(f"config {path}: 'base' must be the path of another config file, got {_what(base)}")
     base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
     parent_defaults, parent_raw = _read_yaml(base_path, chain + (os.path.abspath(path),))
     try:
@@ -136,7 +320,11 @@ def parse_override(text):
     key, value = text.split("=", 1)
     if not key:
         raise MegfbError(f"override '{text}' has no key")
-    return key.split("."), yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = load_yaml(value) if value != "" else None
+    except yaml.YAMLError:
+        raise MegfbError(f"override '{text}': the value is not valid YAML") from None
+    return key.split("."), parsed
 
 
 def load_config(path=None, overrides=()):
@@ -159,22 +347,9 @@ def load_config(path=None, overrides=()):
 
 
 def _check_values(cfg):
-    choices = {
-        ("loss", "type"): ("weighted_l1", "l1", "l2", "charbonnier", "focal"),
-        ("loss", "steps"): ("all", "last"),
-        ("optim", "type"): ("adam", "adamw"),
-        ("schedule", "type"): ("constant", "step", "cosine"),
-    }
-    for (section, key), allowed in choices.items():
-        if cfg[section][key] not in allowed:
-            raise MegfbError(
-                f"config key '{section}.{key}' is {cfg[section][key]!r}; expected one of {', '.join(allowed)}"
-            )
-    crop = cfg["data"]["crop"]
-    if not isinstance(crop, int) or crop % 2 or not 8 <= crop <= 256:
-        raise MegfbError(f"config key 'data.crop' must be an even number of pixels in [8, 256], got {crop!r}")
-    if not 0.0 < float(cfg["data"]["val_fraction"]) < 1.0:
-        raise MegfbError("config key 'data.val_fraction' must be between 0 and 1")
+    _check_rules(cfg)
+    if not isinstance(cfg["model"].get("name", ""), str):
+        raise MegfbError(f"config key 'model.name' must be an architecture name, got {_what(cfg['model']['name'])}")
 
 
 def dump_config(cfg):

@@ -102,6 +102,7 @@ def compute_stats(noisy_path, clean_path, val_fraction=0.1, seed=0, chunk=256, p
     lo_c, hi_c = _range(h_clean)
     f = lambda v: [round(float(x), 6) for x in v]  # noqa: E731
     return {
+        "written_by": "megfb data stats",
         "channels": list(CHANNELS),
         "mean": f(mean),
         "std": f(std),
@@ -147,8 +148,16 @@ def write_stats(path, stats):
 
 def cmd_stats(args):
     """`megfb data stats`: print the statistics table and write data/stats.yaml."""
+    from .atomic import check_output
+    from .clean import is_megfb_stats
+
     paths = contest_paths(args.data_dir)
     out = args.out or os.path.join(args.data_dir, "stats.yaml")
+    read_pair(paths["train_input"], paths["train_gt"])  # one line for a missing/bad data file first
+    # its own statistics file is the project's rolling output; anything else needs --force
+    force = getattr(args, "force", False) or (os.path.isfile(out) and is_megfb_stats(out))
+    check_output(out, inputs=(paths["train_input"], paths["train_gt"], paths["test_input"]), force=force,
+                 what="--out")
     stats = compute_stats(paths["train_input"], paths["train_gt"], args.val_fraction, args.split_seed)
     s = stats["split"]
     print(f"{stats['source']['train_input']['patches']} pairs; statistics on the {stats['computed_on']} "

@@ -97,9 +97,11 @@ def predict_bin(model, input_path, output_path, batch_size=None, tta=False, prog
 
 
 def cmd_predict(args):
+    from .atomic import check_output
     from .checkpoint import model_from_checkpoint
 
-    read_bin(args.input)  # validate the input before loading a model
+    read_bin(args.input)  # validate the input and the output place before loading a model
+    check_output(args.output, inputs=(args.input, args.ckpt, args.config), force=getattr(args, "force", False), what="--output")
     model, info = model_from_checkpoint(args.ckpt, args.config)
     n = predict_bin(model, args.input, args.output, args.batch_size, args.tta)
     print(f"wrote {args.output}: {n} patches ({info['kind']} {args.ckpt}, {info['weights']} weights"

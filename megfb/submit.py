@@ -8,13 +8,12 @@ model.mge + manifest.json and re-checks every member before the zip gets its fin
 import datetime
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from . import PARAM_LIMIT, __version__
-from .atomic import atomic_output
+from .atomic import atomic_new_file, check_folder, temporary_directory
 from .checkpoint import describe, load_model, run_name
 from .costs import graph_costs
 from .errors import MegfbError
@@ -66,8 +65,10 @@ def cmd_submit(args):
     path, model, info = load_model(args.ckpt, args.config)
     n_params = check_param_limit(model)  # the contest rule, before any inference
     noisy = read_bin(args.input)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise MegfbError(f"--out {args.out} exists and is not a folder")
+    if not os.path.exists(args.out):  # the destination folder is made, inside an existing one
+        check_folder(os.path.dirname(os.path.abspath(args.out)), "--out parent folder")
+        os.makedirs(args.out)
+    check_folder(args.out, "--out folder")  # before minutes of prediction and graph export
     name = run_name(path, info)
     print(f"checkpoint {describe(path, info)}: {n_params:,} trainable parameters")
     print(f"input {args.input}: {len(noisy)} patches; predicting{' with TTA' if args.tta else ''}")
@@ -75,7 +76,7 @@ def cmd_submit(args):
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     zip_path = os.path.join(args.out, f"{name}-{stamp}.zip")
-    with tempfile.TemporaryDirectory(prefix="megfb-submit-") as tmp:
+    with temporary_directory("submit") as tmp:
         result_path = os.path.join(tmp, "result.bin")
         np.ascontiguousarray(result, dtype="<u2").tofile(result_path)
         graph_path = os.path.join(tmp, "model.mge")
@@ -123,11 +124,13 @@ def cmd_submit(args):
         with open(manifest_path, "w") as f:
             json.dump(manifest, f, indent=2)
         expected = graph(probe[:1])
-        with atomic_output(zip_path) as tmp_zip:
-            with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        # a new name, never an existing zip: two submits in the same second both keep theirs
+        with atomic_new_file(zip_path) as new:
+            with zipfile.ZipFile(new.tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
                 for member in MEMBERS:
                     z.write(os.path.join(tmp, member), member)
-            sizes = validate_zip(tmp_zip, len(noisy), expected, probe[:1])
+            sizes = validate_zip(new.tmp, len(noisy), expected, probe[:1])
+        zip_path = new.path
     print(f"wrote {zip_path} ({os.path.getsize(zip_path):,} bytes)")
     for member, size in sizes.items():
         print(f"  {member:<14}{size:>14,} bytes")
