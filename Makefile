@@ -48,7 +48,11 @@ data: $(STAMP)
 	$(MEGFB) data synth
 	$(MEGFB) data stats
 
-train: data
+# the config is checked before minutes of data generation (a typo'd CONFIG= fails at once)
+train: $(STAMP)
+	$(MEGFB) train --config $(CONFIG) --check-config
+	$(MEGFB) data synth
+	$(MEGFB) data stats
 	$(MEGFB) train --config $(CONFIG)
 
 submit: $(STAMP)

@@ -203,6 +203,10 @@ class Interrupts:
 
 def cmd_train(args):
     cfg = load_config(args.config, args.overrides)
+    resolve_model_config(cfg["model"])  # the architecture's own keys, before anything is created
+    if getattr(args, "check_config", False):
+        print(f"config {args.config}: every key valid; the run would be {os.path.join(cfg['out_dir'], cfg['name'])}/")
+        return 0
     train(cfg, gpus=args.gpus, restart=args.restart)
 
 
