@@ -10,6 +10,7 @@ config (the FBRestormer defaults when none is given) with strict key and shape c
 import glob
 import os
 import pickle
+import re
 
 import megengine as mge
 import numpy as np
@@ -24,20 +25,54 @@ def save_checkpoint(payload, path):
         mge.save(payload, tmp)
 
 
-def load_checkpoint(path):
+def _what_exists(path):
+    """For a missing checkpoint: the .mge files that are in its folder, or that there is none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {os.path.dirname(path) or '.'} does not exist"
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.mge")))
+    where = os.path.dirname(path) or "."
+    return f"{where} holds {', '.join(found)}" if found else f"{where} holds no .mge file"
+
+
+def _not_a_checkpoint(path):
+    """A description when the file is plainly something else than a MegEngine pickle, else None.
+    mge.save writes a pickle, whose first byte is 0x80 (protocol 2 and later)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:1] == b"\x80":
+        return None
+    if path.endswith(".bin"):
+        kind = "a raw .bin file"
+    elif b"\0" not in head:
+        kind = "a text file" + (" (YAML?)" if re.search(rb"^[\w.-]+:", head, re.M) else "")
+    else:
+        kind = "binary data of another kind"
+    return kind
+
+
+def load_checkpoint(path, resume_hint=False):
+    """A dict from `mge.load`; one line for a missing, empty, foreign or corrupt file.
+    resume_hint: the file is a run's latest.mge, so --restart is the way out."""
+    way_out = "; rerun with --restart to start the run over (the file is left as it is)" if resume_hint else ""
+    if os.path.isdir(path):
+        raise MegfbError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise MegfbError(f"checkpoint not found: {path}")
+        raise MegfbError(f"checkpoint not found: {path} ({_what_exists(path)})")
     if os.path.getsize(path) == 0:
-        raise MegfbError(f"checkpoint {path} is empty (0 bytes): it was not written completely")
+        raise MegfbError(f"checkpoint {path} is empty (0 bytes): it was not written completely{way_out}")
+    kind = _not_a_checkpoint(path)
+    if kind is not None:
+        raise MegfbError(f"{path} is not a MegEngine checkpoint: it is {kind}{way_out}")
     try:
         obj = mge.load(path, map_location="cpux")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-            IndexError, KeyError, RuntimeError, OSError) as exc:
+            IndexError, KeyError, RuntimeError, OSError, MemoryError) as exc:
         raise MegfbError(
-            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(exc).__name__})"
+            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(exc).__name__}){way_out}"
         ) from None
     if not isinstance(obj, dict):
-        raise MegfbError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+        raise MegfbError(f"{path} is not a MegEngine checkpoint: it holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
@@ -49,19 +84,53 @@ def _as_array(value):
     return value.numpy() if isinstance(value, mge.Tensor) else np.asarray(value)
 
 
+def _key_pattern(key):
+    return re.sub(r"\.\d+(?=\.|$)", ".#", key)  # block.trans_list.3.x -> block.trans_list.#.x
+
+
+def looks_like(state):
+    """The architecture whose parameter names best match a state dict's (None when none is
+    close): a hint for a checkpoint loaded with the wrong model."""
+    from .model import _architectures, build_model
+
+    names = {_key_pattern(k) for k in state}
+    best, best_share = None, 0.0
+    for arch in _architectures():
+        want = {_key_pattern(k) for k in build_model({"name": arch}).state_dict()}
+        share = len(names & want) / max(1, len(names | want))
+        if share > best_share:
+            best, best_share = arch, share
+    return best if best_share >= 0.5 else None
+
+
+def _hint(model, state):
+    arch = looks_like(state)
+    mine = getattr(model, "arch_name", None) or type(model).__name__
+    from .model import _architectures
+
+    mine = next((n for n, cls in _architectures().items() if isinstance(model, cls)), mine)
+    if arch is None:
+        return " (its keys match none of this project's architectures)"
+    if arch != mine:
+        return f" (it looks like a {arch} checkpoint, this model is {mine}: pass a config with model.name: {arch})"
+    return f" (it looks like a {arch} of another size: pass the config it was trained with)"
+
+
 def check_state_dict(model, state, source):
-    """Raise one clear error naming the first missing, unexpected or mis-shaped key."""
+    """Raise one clear error naming the first missing, unexpected or mis-shaped key, and which
+    architecture the checkpoint looks like."""
     expected = model.state_dict()
     for key in expected:
         if key not in state:
-            raise MegfbError(f"checkpoint {source}: missing key '{key}'")
+            raise MegfbError(f"checkpoint {source}: missing key '{key}'{_hint(model, state)}")
     for key in state:
         if key not in expected:
-            raise MegfbError(f"checkpoint {source}: unexpected key '{key}' (not in this model)")
+            raise MegfbError(f"checkpoint {source}: unexpected key '{key}' (not in this model){_hint(model, state)}")
     for key, value in expected.items():
         want, got = tuple(_as_array(value).shape), tuple(_as_array(state[key]).shape)
         if want != got:
-            raise MegfbError(f"checkpoint {source}: key '{key}' has shape {got}, the model expects {want}")
+            raise MegfbError(f"checkpoint {source}: key '{key}' has shape {got}, the model expects {want}"
+                             f"{_hint(model, state)}")
 
 
 def load_weights(model, state, source):
@@ -116,7 +185,8 @@ def model_from_checkpoint(path, config_path=None, prefer_ema=True):
     if is_trainer_checkpoint(obj):
         cfg = obj["config"]
         if config_path is not None:
-            cfg = dict(cfg, model=load_config(config_path)["model"])
+            raise MegfbError(f"--config {config_path} is for a plain state dict; {path} is a trainer checkpoint "
+                             "that carries its own config: leave --config out")
         use_ema = prefer_ema and obj.get("ema") is not None
         state = obj["ema"] if use_ema else obj["model"]
         info = {
@@ -146,8 +216,12 @@ PUBLISHED_STEM = "feedback_restormer"  # the team's published state dict
 
 def newest_run_checkpoint(runs_dir="runs"):
     """best.mge of the newest run (by the file's modification time)."""
-    found = glob.glob(os.path.join(runs_dir, "*", "best.mge"))
+    found = [p for p in glob.glob(os.path.join(runs_dir, "*", "best.mge")) if os.path.isfile(p)]
     if not found:
+        latest = glob.glob(os.path.join(runs_dir, "*", "latest.mge"))
+        if latest:
+            raise MegfbError(f"no best.mge under {runs_dir}/ (no run has a finite validation score yet), but "
+                             f"{', '.join(sorted(latest))} exist: pass one with --ckpt")
         raise MegfbError(f"no trained run under {runs_dir}/: run `make train` or pass --ckpt")
     return max(found, key=os.path.getmtime)
 

@@ -124,8 +124,9 @@ def build_parser():
     p.set_defaults(func=_handler("synth", "cmd_synth"))
     p = dsub.add_parser("stats", help="black level, per-channel mean/std, identity score; writes data/stats.yaml")
     p.add_argument("--data-dir", default="data", metavar="DIR", help="folder holding the training pair")
-    p.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
-                   help="held-out share of the pairs (statistics use the rest)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="held-out share of the pairs, in (0, 1); statistics use the rest (the rule "
+                   "`train` applies to data.val_fraction)")
     p.add_argument("--split-seed", type=non_negative_int, default=0, metavar="S", help="seed of the split")
     p.add_argument("--out", default=None, metavar="YAML", help="output file (default: DATA_DIR/stats.yaml)")
     p.add_argument("--force", action="store_true",

@@ -35,6 +35,39 @@ def split_indices(n, val_fraction, seed):
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 
 
+def check_split(n, val_fraction, path, what="data.val_fraction / --val-fraction"):
+    """The one rule `train` and `data stats` share: the fraction is in (0, 1) and both the
+    training and the validation split hold at least one patch. One line naming the file."""
+    from .config import RULES
+
+    problem = RULES["data.val_fraction"](val_fraction)
+    if problem:
+        raise MegfbError(f"the validation fraction ({what}) must be {problem}, got {val_fraction!r}")
+    if n < 2:
+        raise MegfbError(f"{path} holds {n} patch{'es' if n != 1 else ''}: at least 2 are needed, one for "
+                         f"training and one for the validation split ({what})")
+
+
+def data_fingerprint(*paths):
+    """What a data set is, for the records that depend on it: file names and sizes (not mtimes,
+    so a copy or a touch does not count as a change)."""
+    return {os.path.basename(os.fspath(p)): os.path.getsize(p) for p in paths}
+
+
+def check_stats_source(stats, stats_path, paths):
+    """Refuse a stats.yaml computed from other data (one line naming both files)."""
+    source = stats.get("source")
+    if not isinstance(source, dict) or not all(isinstance(source.get(k), dict) for k in ("train_input", "train_gt")):
+        raise MegfbError(f"statistics file {stats_path} does not record the data it was computed from "
+                         "('source'); rerun `megfb data stats` to recompute it")
+    for key, path in zip(("train_input", "train_gt"), paths):
+        rec = source[key]
+        name, size = os.path.basename(str(rec.get("path", ""))), rec.get("bytes")
+        if name != os.path.basename(path) or size != os.path.getsize(path):
+            raise MegfbError(f"statistics file {stats_path} was computed from {name} of {size} bytes, not from "
+                             f"{path} ({os.path.getsize(path)} bytes): rerun `megfb data stats` for this data")
+
+
 # ---------------------------------------------------------------------------- statistics
 
 def _histograms(x, idx, chunk, bar):
@@ -82,6 +115,7 @@ def compute_stats(noisy_path, clean_path, val_fraction=0.1, seed=0, chunk=256, p
     from tqdm import tqdm
 
     noisy, clean = read_pair(noisy_path, clean_path)
+    check_split(len(noisy), val_fraction, noisy_path)
     train_idx, val_idx = split_indices(len(noisy), val_fraction, seed)
     stats_idx = train_idx if len(train_idx) else val_idx
     bar = tqdm(total=2 * len(stats_idx) + len(val_idx), unit="patch", desc="stats",
@@ -97,6 +131,12 @@ def compute_stats(noisy_path, clean_path, val_fraction=0.1, seed=0, chunk=256, p
     bar.close()
     mean, std = _moments(h_noisy)
     clean_mean, clean_std = _moments(h_clean)
+    for c, (name, sd) in enumerate(zip(CHANNELS, std)):
+        if not sd > 0:
+            value = int(np.flatnonzero(h_noisy[c])[0])
+            raise MegfbError(f"{noisy_path}: every {name} pixel of the {len(stats_idx)} patches statistics are "
+                             f"computed on has the value {value} (constant data, std 0): there is nothing "
+                             "to standardise or learn; check that the file holds real noisy images")
     black = _percentile(h_clean, 1e-4)
     lo_n, hi_n = _range(h_noisy)
     lo_c, hi_c = _range(h_clean)
@@ -153,7 +193,8 @@ def cmd_stats(args):
 
     paths = contest_paths(args.data_dir)
     out = args.out or os.path.join(args.data_dir, "stats.yaml")
-    read_pair(paths["train_input"], paths["train_gt"])  # one line for a missing/bad data file first
+    noisy, _ = read_pair(paths["train_input"], paths["train_gt"])  # one line for a missing/bad file first
+    check_split(len(noisy), args.val_fraction, paths["train_input"])
     # its own statistics file is the project's rolling output; anything else needs --force
     force = getattr(args, "force", False) or (os.path.isfile(out) and is_megfb_stats(out))
     check_output(out, inputs=(paths["train_input"], paths["train_gt"], paths["test_input"]), force=force,
@@ -210,20 +251,41 @@ def dihedral_packed_inverse(y, k):
 # ---------------------------------------------------------------------------- batches
 
 class _PatchFiles:
-    """Opens the memmaps lazily, once per process, so loader workers never pickle arrays."""
+    """The training pair, read with os.pread (file descriptors opened lazily, once per process,
+    so loader workers never pickle them). Not a memmap: a file truncated or replaced while
+    training then gives a clear error naming it, where a memmap read kills the process with
+    SIGBUS."""
 
     def __init__(self, noisy_path, clean_path):
         self.noisy_path, self.clean_path = os.fspath(noisy_path), os.fspath(clean_path)
-        self._pair = None
+        self.count = len(read_pair(self.noisy_path, self.clean_path)[0])  # validated up front
+        self._fds = None
 
-    @property
-    def pair(self):
-        if self._pair is None:
-            self._pair = read_pair(self.noisy_path, self.clean_path)
-        return self._pair
+    def _open(self):
+        if self._fds is None:
+            self._fds = tuple(os.open(p, os.O_RDONLY) for p in (self.noisy_path, self.clean_path))
+        return self._fds
+
+    def rows(self, which, i, y, n):
+        """Rows y..y+n of patch i of the input (which=0) or target (1) file, uint16 (n, 256)."""
+        fd, path = self._open()[which], (self.noisy_path, self.clean_path)[which]
+        want = n * PATCH * 2
+        data = os.pread(fd, want, (i * PATCH + y) * PATCH * 2)
+        if len(data) != want:
+            raise MegfbError(f"{path} is now {os.fstat(fd).st_size} bytes, shorter than the {self.count} "
+                             "patches it held when training started: it was truncated or replaced while "
+                             "training ran; restore it and rerun the same command to resume")
+        return np.frombuffer(data, dtype="<u2").reshape(n, PATCH)
 
     def __getstate__(self):
-        return {**self.__dict__, "_pair": None}
+        return {**self.__dict__, "_fds": None}
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", None) or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def make_batch(files, indices, crop, batch_size, augment, seed, t, rank=0):
@@ -233,15 +295,14 @@ def make_batch(files, indices, crop, batch_size, augment, seed, t, rank=0):
     and columns so every crop is RGGB like the full patch.
     """
     rng = np.random.default_rng([seed, t] if rank == 0 else [seed, t, rank])
-    noisy, clean = files.pair
     picks = indices[rng.integers(0, len(indices), size=batch_size)]
     offsets = 2 * rng.integers(0, (PATCH - crop) // 2 + 1, size=(batch_size, 2))
     ks = rng.integers(0, 8, size=batch_size) if augment else np.zeros(batch_size, np.int64)
     out_noisy = np.empty((batch_size, 4, crop // 2, crop // 2), np.float32)
     out_clean = np.empty_like(out_noisy)
     for b, (i, (y, x), k) in enumerate(zip(picks, offsets, ks)):
-        out_noisy[b] = dihedral_packed(mosaic_to_packed(noisy[i, y:y + crop, x:x + crop]), int(k))
-        out_clean[b] = dihedral_packed(mosaic_to_packed(clean[i, y:y + crop, x:x + crop]), int(k))
+        out_noisy[b] = dihedral_packed(mosaic_to_packed(files.rows(0, i, y, crop)[:, x:x + crop]), int(k))
+        out_clean[b] = dihedral_packed(mosaic_to_packed(files.rows(1, i, y, crop)[:, x:x + crop]), int(k))
     return out_noisy, out_clean
 
 
@@ -259,13 +320,12 @@ class TrainBatches:
                  workers=0, start=0, rank=0):
         if crop % 2 or not 2 <= crop <= PATCH:
             raise MegfbError(f"crop must be an even number of pixels in [2, {PATCH}], got {crop}")
-        self.files = _PatchFiles(noisy_path, clean_path)
-        self.files.pair  # validate the files now, in the parent, for a clear error
+        self.files = _PatchFiles(noisy_path, clean_path)  # validates the files, in the parent
         self.indices = np.asarray(indices, dtype=np.int64)
         if len(self.indices) == 0:
             raise MegfbError(f"no training patches selected from {noisy_path}")
-        if self.indices.min() < 0 or self.indices.max() >= len(self.files.pair[0]):
-            raise MegfbError(f"training indices out of range for {noisy_path} ({len(self.files.pair[0])} patches)")
+        if self.indices.min() < 0 or self.indices.max() >= self.files.count:
+            raise MegfbError(f"training indices out of range for {noisy_path} ({self.files.count} patches)")
         self.crop, self.batch_size, self.augment = int(crop), int(batch_size), bool(augment)
         self.seed, self.workers, self.start, self.rank = int(seed), int(workers), int(start), int(rank)
 

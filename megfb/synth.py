@@ -410,6 +410,22 @@ def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True, photos
     return note
 
 
+def check_free_space(data_dir, n_train, n_test, margin=64 << 20):
+    """Refuse before writing anything when the four files would not fit (plus a margin)."""
+    import shutil
+
+    need = (2 * n_train + 2 * n_test) * PATCH * PATCH * 2
+    probe = os.path.abspath(data_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise MegfbError(f"--data-dir {data_dir}: {probe} is a file, not a folder")
+    free = shutil.disk_usage(probe).free
+    if need + margin > free:
+        raise MegfbError(f"{n_train} training pairs and {n_test} test patches need {need / 2 ** 30:.1f} GiB in "
+                         f"{data_dir}, but only {free / 2 ** 30:.1f} GiB are free; ask for fewer (--train/--test)")
+
+
 def cmd_synth(args):
     """`megfb data synth`: generate the synthetic set unless real contest files are present."""
     data_dir = args.data_dir
@@ -428,6 +444,7 @@ def cmd_synth(args):
         print(f"synthetic set already in {data_dir} (seed {note.get('seed')}, {c.get('train')} train / "
               f"{c.get('test')} test patches); use --force to regenerate it")
         return 0
+    check_free_space(data_dir, args.train, args.test)
     photos = split_photos(args.photos) if args.photos else None  # every photo checked first
     if args.procedural is not None:
         SETTINGS["procedural_fraction"] = args.procedural

@@ -6,6 +6,7 @@ batch t is a pure function of (seed, t) and the optimizer/EMA state is saved - e
 same weights as an uninterrupted run. Validation scores the held-out split exactly as a
 submission would be scored: predictions x 65535, clipped, rounded to uint16, contest formula.
 """
+import fcntl
 import json
 import math
 import os
@@ -31,6 +32,12 @@ from .losses import supervised_loss
 from .model import build_model, count_parameters, resolve_model_config
 
 PREVIEW_SIZE = 64  # packed pixels per side of a preview crop (a 128x128 mosaic region)
+
+# Keys a resumed run may change: they do not change what the weights learn from (extending
+# the run, logging/validation/checkpoint cadence, loader processes, preview count). Any other
+# difference makes it another experiment: refused, naming --restart and name=.
+SAFE_ON_RESUME = ("out_dir", "train.iterations", "train.val_every", "train.log_every", "train.ckpt_every",
+                  "train.preview_crops", "data.workers")
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -110,6 +117,7 @@ def standardisation_stats(data_cfg, paths):
         print(f"{path} not found: computing it first (as `megfb data stats` does)")
         data.write_stats(path, data.compute_stats(*paths, data_cfg["val_fraction"], data_cfg["split_seed"]))
     stats = data.load_stats(path)
+    data.check_stats_source(stats, path, paths)
     black = stats.get("black_level")
     black = float(np.mean(black["unit"])) if isinstance(black, dict) and "unit" in black else None
     return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]], "black_level": black}
@@ -148,6 +156,87 @@ def preview_crops(noisy_u16, pred_u16, clean_u16, n):
 # ---------------------------------------------------------------------------- run directory
 
 
+def _flat(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and key != "model" or (key == "model" and not prefix):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_resume(new, old, run_dir, new_data=None, old_data=None):
+    """Compare the config (and data) of a resumed run with what it ran with. Returns the
+    allowed changes {key: (old, new)}; any other difference is refused in one line listing
+    the keys and the ways out. `train.init_from_sha256` is derived (filled by the trainer):
+    when the new config leaves it empty, the run's recorded value stands."""
+    new = dict(new, train=dict(new["train"]))
+    if new["train"].get("init_from_sha256") is None:
+        new["train"]["init_from_sha256"] = old.get("train", {}).get("init_from_sha256")
+    a, b = _flat(old), _flat(new)
+    differ = [k for k in sorted(set(a) | set(b)) if not _same(a.get(k), b.get(k))]
+    changed = [k for k in differ if k not in SAFE_ON_RESUME]
+    if old_data is not None and new_data is not None and old_data != new_data:
+        changed.append("the data (" + ", ".join(f"{n}: {old_data.get(n)} -> {new_data.get(n)} bytes"
+                                                 for n in sorted(set(old_data) | set(new_data))
+                                                 if old_data.get(n) != new_data.get(n)) + ")")
+    if changed:
+        shown = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" if k in a or k in b else k for k in changed]
+        raise MegfbError(f"{run_dir} is another experiment: its config changed since it ran ({'; '.join(shown)}); "
+                         "rerun with --restart to start this run over, or pass another name=NAME for a new run")
+    return {k: (a.get(k), b.get(k)) for k in differ}
+
+
+class RunLock:
+    """One trainer per run folder: an flock on runs/<name>/.lock, released by the kernel when
+    the process ends however it ends, so a crashed or killed run never leaves it stuck."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.path, self.fd = run_dir, os.path.join(run_dir, ".lock"), None
+
+    def acquire(self):
+        if self.fd is not None:
+            return self
+        os.makedirs(self.run_dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise MegfbError(f"{self.run_dir} is in use by another `megfb train` ({holder}); wait for it "
+                             "to finish or stop it, or pass another name=NAME") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock; the file stays (harmless)
+            self.fd = None
+
+
+def _json_line(rec):
+    """Strict JSON (no NaN/Infinity tokens): a non-finite figure is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else
+                 [None if isinstance(x, float) and not math.isfinite(x) else x for x in v] if isinstance(v, list) else v)
+             for k, v in rec.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def read_log(path, upto):
     """The run's log entries up to iteration `upto`: a resumed run drops what the killed run
     logged after its last checkpoint (and a half-written last line) so the log stays one story."""
@@ -162,7 +251,7 @@ def read_log(path, upto):
                 if rec.get("iteration", 0) <= upto:
                     records.append(rec)
     with atomic_output(path) as tmp, open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(_json_line(r) for r in records)
     return records
 
 
@@ -233,6 +322,14 @@ def train(cfg, gpus=1, restart=False):
 def run_training(cfg, restart=False):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_distributed() else (0, 1)
     main = rank == 0
+    lock = RunLock(os.path.join(cfg["out_dir"], cfg["name"]))
+    try:
+        return _run_training(cfg, restart, rank, world, main, lock)
+    finally:
+        lock.release()
+
+
+def _run_training(cfg, restart, rank, world, main, lock):
     t_start = time.time()
     run_dir = os.path.join(cfg["out_dir"], cfg["name"])
     latest_path, best_path = os.path.join(run_dir, "latest.mge"), os.path.join(run_dir, "best.mge")
@@ -240,16 +337,27 @@ def run_training(cfg, restart=False):
     tcfg, iterations = cfg["train"], int(cfg["train"]["iterations"])
 
     paths = training_paths(cfg["data"])
-    from .data import split_indices
+    from .data import check_split, data_fingerprint, split_indices
     from .io import read_pair
 
     noisy, clean = read_pair(*paths)
+    check_split(len(noisy), cfg["data"]["val_fraction"], paths[0], "data.val_fraction")
+    fingerprint = data_fingerprint(*paths)
+    resolved = dict(cfg, model=resolve_model_config(cfg["model"]))
+    if main and os.path.isdir(run_dir):
+        lock.acquire()  # before reading the run's state: a second trainer stops here
 
-    resume = None
+    resume, changes = None, {}
     if os.path.exists(latest_path) and not restart:
-        resume = load_checkpoint(latest_path)
+        resume = load_checkpoint(latest_path, resume_hint=True)
         if not is_trainer_checkpoint(resume):
             raise MegfbError(f"{latest_path} is not a trainer checkpoint; rerun with --restart to start over")
+        split = resume.get("split") or {}
+        top = max([int(np.max(split[k])) for k in ("train_idx", "val_idx") if len(split.get(k, ())) > 0] or [-1])
+        old_data = resume.get("data")
+        if old_data is None and top >= len(noisy):  # a checkpoint from before fingerprints
+            old_data = {os.path.basename(paths[0]): f"at least {top + 1} patches"}
+        changes = check_resume(resolved, resume["config"], run_dir, fingerprint, old_data)
     if resume is not None:
         stats, split = resume["stats"], resume["split"]
         train_idx, val_idx = np.asarray(split["train_idx"]), np.asarray(split["val_idx"])
@@ -267,7 +375,6 @@ def run_training(cfg, restart=False):
     mge.random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     model = build_model(cfg["model"], stats["mean"], stats["std"])
-    resolved = dict(cfg, model=resolve_model_config(cfg["model"]))
     if resume is None and tcfg["init_from"]:
         init = initialise_from(model, tcfg["init_from"], tcfg["init_strict"], tcfg["init_from_sha256"])
         # the network keeps the constants it was trained with (first forward = loaded model's)
@@ -293,30 +400,43 @@ def run_training(cfg, restart=False):
             print(f"resuming from {latest_path} at iteration {it}")
     elif world > 1:
         dist.bcast_list_(list(model.parameters()))
-    if it > iterations:
+    if resume is not None and it > iterations:
         raise MegfbError(f"{latest_path} is at iteration {it}, past train.iterations={iterations}; "
                          "raise train.iterations or rerun with --restart")
 
     records = []
     if main:
+        lock.acquire()  # creates the run folder: every check above has passed
         if restart:
             for path in (latest_path, best_path, log_path, curves_path):
-                if os.path.exists(path):
+                if os.path.lexists(path) and not os.path.isdir(path):
                     os.remove(path)
+        # config.yaml always describes what runs now (a resumed run differs only in SAFE_ON_RESUME keys)
         with atomic_output(os.path.join(run_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
             f.write(dump_config(resolved))
         records = read_log(log_path, it)
+        if changes:
+            text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(f"resumed with changed settings that do not change what is learned: {text}")
+            rec = {"iteration": it, "resumed_with": {k: [old, new] for k, (old, new) in changes.items()}}
+            records.append(rec)
+            with open(log_path, "a") as f:
+                f.write(_json_line(rec))
         n_params = count_parameters(model)
         print(f"run {run_dir}: {resolved['model']['name']} with {n_params:,} parameters, "
               f"{len(train_idx)} training / {len(val_sel)} validation patches, {iterations} iterations")
         # the floor to beat, on exactly the patches scored below (cheap: numpy on uint16)
         val["identity_score"], val["identity_psnr"] = score(val_noisy, val_clean)
+        if not math.isfinite(val["identity_score"]):
+            print(f"note: the identity score of the {len(val_sel)} validation patches is {val['identity_score']}: "
+                  "their noisy input equals the clean target (noise-free or constant data), so "
+                  "validation scores cannot rank checkpoints")
 
     def payload():
         return {
             "megfb": __version__, "config": resolved, "model": model.state_dict(), "ema": ema,
             "optimizer": opt.state_dict(), "iteration": it, "rng": _rng_state(cfg["seed"]),
-            "split": split, "stats": stats, "val": dict(val),
+            "split": split, "stats": stats, "val": dict(val), "data": fingerprint,
         }
 
     def save(path):
@@ -324,7 +444,7 @@ def run_training(cfg, restart=False):
         for key in ("model", "ema"):
             if ckpt[key] is not None and not weights_finite(ckpt[key]):
                 raise MegfbError(f"the {key} weights hold NaN/inf at iteration {it}; not saving {path} "
-                                 "(the last good checkpoint is intact)")
+                                 f"({_last_good(latest_path)})")
         save_checkpoint(ckpt, path)
 
     def validate():
@@ -346,11 +466,11 @@ def run_training(cfg, restart=False):
                "identity_score": val["identity_score"], "weights": main_label}
         if ema_on:
             rec.update(val_score_raw=results["raw"][0], val_psnr_raw=results["raw"][1])
-        best = val["score"] > val["best_score"]
+        best = math.isfinite(val["score"]) and val["score"] > val["best_score"]
         if best:
             val.update(best_score=val["score"], best_iteration=it)
         records.append(rec)
-        log_file.write(json.dumps(rec) + "\n")
+        log_file.write(_json_line(rec))
         log_file.flush()
         if best:
             save(best_path)
@@ -363,7 +483,8 @@ def run_training(cfg, restart=False):
         tqdm.write(f"iteration {it}: val score {val['score']:.4f} ({main_label} weights"
                    + (f"; raw {results['raw'][0]:.4f}" if ema_on else "")
                    + f"), PSNR {val['psnr']:.2f} dB; identity {val['identity_score']:.4f}; "
-                   f"best {val['best_score']:.4f} at {val['best_iteration']}")
+                   + (f"best {val['best_score']:.4f} at {val['best_iteration']}" if val["best_iteration"] is not None
+                      else "no finite score yet, so no best.mge"))
 
     loss_cfg, grad_clip = cfg["loss"], cfg["optim"]["grad_clip"]
     log_every, val_every, ckpt_every = (int(tcfg[k]) for k in ("log_every", "val_every", "ckpt_every"))
@@ -390,8 +511,8 @@ def run_training(cfg, restart=False):
                 if not math.isfinite(loss_value):
                     opt.clear_grad()
                     raise MegfbError(
-                        f"the loss is {loss_value} at iteration {it + 1}; training stopped and the last good "
-                        f"checkpoint {latest_path} is intact (lower optim.lr or set optim.grad_clip)"
+                        f"the loss is {loss_value} at iteration {it + 1}; training stopped, "
+                        f"{_last_good(latest_path)} (lower optim.lr or set optim.grad_clip)"
                     )
                 if grad_clip:
                     clip_grad_norm(model.parameters(), float(grad_clip))
@@ -412,7 +533,7 @@ def run_training(cfg, restart=False):
                            "loss_steps": [s / acc["n"] for s in acc["steps"]], "lr": lr,
                            "it_s": acc["n"] / max(now - acc["t"], 1e-9), "crop": phase[0], "batch_size": phase[1]}
                     records.append(rec)
-                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.write(_json_line(rec))
                     log_file.flush()
                     pbar.set_postfix(loss=f"{rec['loss']:.3e}", lr=f"{lr:.2e}")
                     acc = {"loss": 0.0, "steps": None, "n": 0, "t": now}
@@ -428,8 +549,11 @@ def run_training(cfg, restart=False):
             if main and not stop.in_step:
                 save(latest_path)
                 print(f"interrupted: saved {latest_path} at iteration {it}; rerun the same command to resume")
-            elif main:
+            elif main and os.path.isfile(latest_path):
                 print(f"interrupted mid-step: kept the previous {latest_path}; rerun the same command to resume")
+            elif main:
+                print(f"interrupted mid-step before the first checkpoint: nothing saved in {run_dir}; "
+                      "rerun the same command to start again")
             raise
         finally:
             pbar.close()
@@ -442,10 +566,21 @@ def run_training(cfg, restart=False):
         "identity_score": val["identity_score"], "last_score": val.get("score"), "last_psnr": val.get("psnr"),
         "gain": val["best_score"] - val["identity_score"], "wall_s": time.time() - t_start,
     }
+    if summary["best_iteration"] is None or not os.path.isfile(best_path):
+        print(f"no finite validation score (last {summary['last_score']}, identity {summary['identity_score']}): "
+              f"no best.mge was written; latest.mge in {run_dir}/, curves in {curves_path}")
+        return summary
     print(f"best validation score {summary['best_score']:.4f} (iteration {summary['best_iteration']}) vs "
           f"identity {summary['identity_score']:.4f}: gain {summary['gain']:+.4f}; "
           f"checkpoints in {run_dir}/ (best.mge, latest.mge), curves in {curves_path}")
     return summary
+
+
+def _last_good(latest_path):
+    """What is left to resume from, said as it is."""
+    if os.path.isfile(latest_path):
+        return f"the last good checkpoint {latest_path} is intact"
+    return f"no checkpoint was written yet ({latest_path} does not exist)"
 
 
 def restore(ckpt, model, opt, ema_on, source):

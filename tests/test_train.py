@@ -94,7 +94,7 @@ def test_loss_falls_and_run_directory(tmp_path, capsys):
     assert "training on CPU in a single process" in out
     assert out.splitlines()[0].startswith("device: CPU")  # the device, first of all
     run = tmp_path / "runs" / "tiny"
-    assert sorted(os.listdir(run)) == ["best.mge", "config.yaml", "curves.png", "latest.mge", "log.jsonl"]
+    assert sorted(os.listdir(run)) == [".lock", "best.mge", "config.yaml", "curves.png", "latest.mge", "log.jsonl"]
     records = [yaml.safe_load(line) for line in open(run / "log.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 40 and all(len(r["loss_steps"]) == 2 for r in records if "loss" in r)
