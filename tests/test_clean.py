@@ -5,8 +5,6 @@ import subprocess
 import numpy as np
 import yaml
 
-from megfb import clean as cleaner
-from megfb.atomic import temp_name
 from megfb.cli import main
 from megfb.io import FILE_NAMES, write_bin
 
@@ -33,7 +31,7 @@ def _project(root, real_train=False):
     (data / "backup").mkdir()
     (data / "backup" / "README.md").write_text("a README in a subfolder\n")
     (data / "backup" / "competition_train_input.0.2.bin").write_bytes(b"\1" * 10)
-    (data / temp_name("competition_train_gt.0.2.bin", pid=2 ** 22 + 7)).write_bytes(b"partial")
+    (data / f".competition_train_gt.0.2.bin.{2 ** 22 + 7}-0123abcd.tmp").write_bytes(b"partial")
     (root / "submit").mkdir()
     (root / "submit" / "README.md").write_text("zips\n")
     (root / "submit" / "quickstart-20261122-013512.zip").write_bytes(b"PK")
@@ -68,6 +66,8 @@ def test_clean_removes_only_generated_files(tmp_path, capsys):
 
 
 def test_clean_keeps_real_contest_files_and_the_note_that_lists_them(tmp_path):
+    from megfb import clean as cleaner
+
     _project(tmp_path, real_train=True)
     cleaner.clean(str(tmp_path), echo=lambda line: None)
     left = _all_files(tmp_path)
@@ -77,6 +77,8 @@ def test_clean_keeps_real_contest_files_and_the_note_that_lists_them(tmp_path):
 
 
 def test_clean_keeps_a_stats_file_it_did_not_write(tmp_path):
+    from megfb import clean as cleaner
+
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "stats.yaml").write_text("my own statistics: [1, 2]\n")
     cleaner.clean(str(tmp_path), echo=lambda line: None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megfb import atomic, infer, submit
-from megfb.atomic import atomic_new_file, atomic_output, check_output, temp_name
+from megfb.atomic import atomic_output
 from megfb.cli import main
 from megfb.errors import MegfbError
 from megfb.io import write_bin
@@ -105,6 +105,8 @@ def test_output_place_is_checked_before_any_work(files, capsys, monkeypatch, whe
 
 
 def test_atomic_new_file_never_replaces(tmp_path):
+    from megfb.atomic import atomic_new_file
+
     target = tmp_path / "run-20260101-000000.zip"
     names = []
     for content in (b"one", b"two", b"three"):
@@ -132,6 +134,8 @@ def test_two_submits_in_the_same_second_both_survive(files, monkeypatch, capsys)
 
 
 def test_stale_temporaries_are_swept_live_ones_kept(tmp_path):
+    from megfb.atomic import temp_name
+
     dead = tmp_path / temp_name("latest.mge", pid=2 ** 22 + 11)  # above any pid_max: never alive
     live = tmp_path / temp_name("latest.mge", pid=1)
     foreign = tmp_path / ".latest.mge.notours.tmp"
@@ -154,6 +158,8 @@ def test_submit_temporary_folder_of_a_dead_process_is_swept(tmp_path, monkeypatc
 
 
 def test_check_output_accepts_a_new_file(tmp_path):
+    from megfb.atomic import check_output
+
     assert check_output(str(tmp_path / "new.bin"), inputs=(str(tmp_path / "in.bin"),)) == str(tmp_path / "new.bin")
     with pytest.raises(MegfbError):
         check_output(str(tmp_path))

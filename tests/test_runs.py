@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from megfb import cli, train as trainer
-from megfb.atomic import temp_name
 from megfb.checkpoint import load_checkpoint
 from megfb.config import load_config
 from megfb.data import TrainBatches
@@ -155,6 +154,8 @@ def test_nan_before_the_first_checkpoint_says_so(tmp_path, monkeypatch):
 
 
 def test_restart_sweeps_a_killed_save(tmp_path):
+    from megfb.atomic import temp_name
+
     config = tiny_config(tmp_path, iterations=2, val_every=2)
     assert cli.main(["train", "--config", config]) == 0
     stale = tmp_path / "runs" / "tiny" / temp_name("latest.mge", pid=2 ** 22 + 3)
