@@ -69,7 +69,9 @@ def cmd_eval(args):
         noisy, clean = read_pair(test["test_input"], test["test_gt"])
         part = f"the first {min(limit, len(noisy))} of " if limit is not None and limit < len(noisy) else ""
         print(f"synthetic test: {part}{len(noisy)} patches of {test['test_input']}")
-        noisy, clean = noisy[:limit], clean[:limit]
+        # copies, read now: a memmap read after minutes of prediction would end the process
+        # with SIGBUS if the file had been truncated meanwhile
+        noisy, clean = np.array(noisy[:limit]), np.array(clean[:limit])
         results.append(("synthetic test", score_rows(model, noisy, clean, args.batch_size, args.tta)))
     if not results:
         raise MegfbError(f"nothing to score: no training pair or synthetic test targets in {data['dir']}/")

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import MegfbError
-from .io import mosaic_to_packed, packed_to_mosaic, read_bin, write_bin
+from .io import load_bin, mosaic_to_packed, packed_to_mosaic, read_bin, write_bin
 
 GPU_BATCH = 8
 
@@ -91,7 +91,7 @@ def predict_mosaics(model, noisy, batch_size=None, tta=False, progress=True, sto
 
 def predict_bin(model, input_path, output_path, batch_size=None, tta=False, progress=True):
     """Contest .bin in -> contest .bin out (uint16, rounded, clipped), written atomically."""
-    noisy = read_bin(input_path)
+    noisy = load_bin(input_path)  # read once, not memory-mapped: no SIGBUS if it changes later
     write_bin(output_path, predict_mosaics(model, noisy, batch_size, tta, progress))
     return len(noisy)
 

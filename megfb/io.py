@@ -64,6 +64,20 @@ def read_bin(path):
     return np.memmap(os.fspath(path), dtype=DTYPE, mode="r", shape=(n, PATCH, PATCH))
 
 
+def load_bin(path):
+    """Read a contest .bin whole into memory as (N, 256, 256) uint16 (prediction inputs: at most
+    a few hundred MB). Unlike a memmap, a file truncated or replaced while a long command runs
+    cannot kill the process with SIGBUS later: it is read once, and a short read is one line."""
+    n = count_patches(path)
+    out = np.empty((n, PATCH, PATCH), dtype=DTYPE)
+    with open(path, "rb") as f:
+        got = f.readinto(memoryview(out).cast("B"))
+    if got != n * PATCH_BYTES:
+        raise MegfbError(f"{path} changed while it was read ({got} of {n * PATCH_BYTES} bytes); "
+                         "was it being written or truncated?")
+    return out
+
+
 def read_pair(input_path, gt_path):
     """(noisy, clean) memmaps of an input/ground-truth pair; their patch counts must agree."""
     noisy, clean = read_bin(input_path), read_bin(gt_path)

@@ -20,7 +20,7 @@ from .errors import MegfbError
 from .graph import (GRAPH_INPUT, GRAPH_TOLERANCE, PATCH_SHAPE, DumpedGraph, check_graph,
                     export_graph)
 from .infer import predict_mosaics
-from .io import PATCH, mosaic_to_packed, read_bin, sha256_file, sha256_stream
+from .io import PATCH, load_bin, mosaic_to_packed, sha256_file, sha256_stream
 from .model import check_param_limit
 
 MEMBERS = ("result.bin", "model.mge", "manifest.json")
@@ -64,7 +64,9 @@ def cmd_submit(args):
 
     path, model, info = load_model(args.ckpt, args.config)
     n_params = check_param_limit(model)  # the contest rule, before any inference
-    noisy = read_bin(args.input)
+    # read once, not memory-mapped: the graph check reads patches again minutes later, and a
+    # memmap of a file truncated meanwhile would end the process with SIGBUS
+    noisy = load_bin(args.input)
     if not os.path.exists(args.out):  # the destination folder is made, inside an existing one
         check_folder(os.path.dirname(os.path.abspath(args.out)), "--out parent folder")
         os.makedirs(args.out)

@@ -163,3 +163,23 @@ def test_check_output_accepts_a_new_file(tmp_path):
     assert check_output(str(tmp_path / "new.bin"), inputs=(str(tmp_path / "in.bin"),)) == str(tmp_path / "new.bin")
     with pytest.raises(MegfbError):
         check_output(str(tmp_path))
+
+
+def test_prediction_inputs_are_read_once_not_memory_mapped(files, monkeypatch):
+    """A file truncated while predict/submit run cannot end the process with SIGBUS: the input
+    is in memory before the model runs (the eval/predict leftover of the memmap reads)."""
+    from megfb import io
+
+    seen = {}
+
+    def truncate_then_predict(model, noisy, *a, **k):
+        os.truncate(files / "in.bin", 1000)  # another program truncates the input mid-run
+        seen["type"] = type(noisy)
+        return np.asarray(noisy) + 0
+
+    monkeypatch.setattr(infer, "predict_mosaics", truncate_then_predict)
+    assert _predict(files, files / "out.bin") == 0
+    assert seen["type"] is np.ndarray  # not an np.memmap
+    monkeypatch.setattr(io, "count_patches", lambda p: 2)  # sized before, truncated while read
+    with pytest.raises(MegfbError, match="in.bin changed while it was read"):
+        io.load_bin(files / "in.bin")
