@@ -76,6 +76,33 @@ def denoise_packed(model, x, tile=DENOISE_TILE // 2, overlap=DENOISE_OVERLAP // 
     return out
 
 
+def seam_report(model, x, tile, overlap, batch_size=None):
+    """How much neighbouring tiles disagree where they overlap, next to how much the model
+    changes: {"disagreement": mean |p_a - p_b| over every overlap of horizontally or vertically
+    adjacent tiles, "removed": mean |blended - x|, "ratio": their quotient}. x, tile, overlap as
+    in denoise_packed. A ratio well below 1 means the blend has no visible seams: the tiles
+    differ from each other far less than from the noisy input."""
+    from .infer import predict_packed
+
+    _, h, w = x.shape
+    grid = tile_grid(h, w, tile, overlap)
+    preds = predict_packed(model, np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0, th, tw in grid]),
+                           batch_size=batch_size, progress=False)
+    diffs = []
+    for i, (ya, xa, th, tw) in enumerate(grid):
+        for j, (yb, xb, _, _) in enumerate(grid):
+            if j <= i or not ((ya == yb and 0 < xb - xa < tw) or (xa == xb and 0 < yb - ya < th)):
+                continue
+            y0, y1, x0, x1 = max(ya, yb), min(ya, yb) + th, max(xa, xb), min(xa, xb) + tw
+            a = preds[i][:, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+            b = preds[j][:, y0 - yb:y1 - yb, x0 - xb:x1 - xb]
+            diffs.append(np.abs(a - b).mean())
+    removed = float(np.abs(denoise_packed(model, x, tile, overlap, batch_size) - x).mean())
+    disagreement = float(np.mean(diffs)) if diffs else 0.0
+    return {"disagreement": disagreement, "removed": removed, "ratio": disagreement / max(removed, 1e-12),
+            "pairs": len(diffs)}
+
+
 def denoise_mosaic(model, m, domain, tile=DENOISE_TILE, overlap=DENOISE_OVERLAP, batch_size=None,
                    tta=False, progress=True):
     """A megfb.raw.Mosaic -> uint16 (H, W) denoised mosaic in the file's own scale and grid.

@@ -71,13 +71,13 @@ class Mosaic:
 def _quiet_stderr():
     """LibRaw prints its own complaints (e.g. "Unexpected end of file") on file descriptor 2;
     our error already says it in one sentence."""
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
+        sys.stderr.flush()
+        saved = os.dup(fd)
     except (AttributeError, OSError, ValueError):
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), fd)
@@ -149,6 +149,22 @@ def read_camera_raw(path):
     return Mosaic(path, "raw", data, pattern, black, white, meta)
 
 
+def _read_plain_tiff(path):
+    """The first page of a TIFF, after checking its pixel data lies inside the file (tifffile
+    would silently return a short or empty array for a truncated one)."""
+    import tifffile
+
+    size = os.path.getsize(path)
+    with tifffile.TiffFile(path) as tif:
+        if not tif.pages:
+            raise ValueError("no image in it")
+        page = tif.pages[0]
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+        if not ends or max(ends) > size or 0 in page.databytecounts:
+            raise ValueError("pixel data missing")
+        return page.asarray()
+
+
 def read_plain(path, pattern=None, black=None, white=None):
     """A 16-bit TIFF/PNG or an integer .npy mosaic -> Mosaic, levels from the caller."""
     ext = os.path.splitext(path)[1].lower()
@@ -162,9 +178,7 @@ def read_plain(path, pattern=None, black=None, white=None):
             if data is None:
                 raise ValueError("OpenCV could not decode it")
         else:
-            import tifffile
-
-            data = tifffile.imread(path)
+            data = _read_plain_tiff(path)
     except MegfbError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader has its own exception zoo
