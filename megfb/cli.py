@@ -127,6 +127,10 @@ def build_parser():
                    "(default: the photographs shipped inside scikit-image)")
     p.add_argument("--procedural", type=share, default=None, metavar="F",
                    help="share of procedural scenes among the patches (default: 0.4)")
+    p.add_argument("--noise-profile", action="append", metavar="A,B|FILE.dng|iso:N",
+                   help="a given camera's noise instead of the built-in phone calibration: per-channel "
+                   "variance = A*x + B on the [0,1] scale, or a DNG's NoiseProfile tag, or the phone "
+                   "calibration at one ISO; repeatable, one drawn per patch (default: phone, ISO 800-6400)")
     p.set_defaults(func=_handler("synth", "cmd_synth"))
     p = dsub.add_parser("stats", help="black level, per-channel mean/std, identity score; writes data/stats.yaml")
     p.add_argument("--data-dir", default="data", metavar="DIR", help="folder holding the training pair")
