@@ -439,7 +439,7 @@ def _tone(rgb, exposure):
     return np.round(srgb * 255).astype(np.uint8)
 
 
-def preview_image(before, after, crop=384, width=640):
+def preview_image(before, after, crop=640, width=640):
     """Side-by-side before | after (downscaled to `width` each) above a 100% crop of each from
     the centre; one exposure (from `before`) for all panels. Returns BGR uint8."""
     import cv2
@@ -482,7 +482,7 @@ def write_preview(path, m, denoised):
     else:  # a plain mosaic has no colour metadata: neutral white balance, identity matrix
         source = dng_bytes(m.data, m.pattern, m.black, m.white)
     image = preview_image(develop(source, m.data), develop(source, denoised))
-    ok, png = cv2.imencode(".png", image)
+    ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise MegfbError(f"could not encode the preview {path}")
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
