@@ -420,7 +420,7 @@ def write_denoised_dng(path, source, mosaic, m):
 
 def develop(raw_source, mosaic):
     """LibRaw's own development (camera white balance and colour matrix, AHD demosaic) of
-    `mosaic` in place of the file's visible area -> linear float32 RGB (H, W, 3) on [0, 1].
+    `mosaic` in place of the file's visible area -> linear uint16 RGB (H, W, 3).
 
     raw_source: a path or DNG bytes that LibRaw reads for everything but the pixel values."""
     import rawpy
@@ -428,9 +428,8 @@ def develop(raw_source, mosaic):
     src = io.BytesIO(raw_source) if isinstance(raw_source, (bytes, bytearray)) else raw_source
     with _quiet_stderr(), rawpy.imread(src) as raw:
         raw.raw_image_visible[...] = mosaic
-        rgb = raw.postprocess(use_camera_wb=True, no_auto_bright=True, output_bps=16, gamma=(1, 1),
-                              user_flip=0)
-    return rgb.astype(np.float32) / np.float32(65535)
+        return raw.postprocess(use_camera_wb=True, no_auto_bright=True, output_bps=16, gamma=(1, 1),
+                               user_flip=0)
 
 
 def _tone(rgb, exposure):
@@ -439,37 +438,38 @@ def _tone(rgb, exposure):
     return np.round(srgb * 255).astype(np.uint8)
 
 
-def preview_image(before, after, crop=640, width=640):
-    """Side-by-side before | after (downscaled to `width` each) above a 100% crop of each from
-    the centre; one exposure (from `before`) for all panels. Returns BGR uint8."""
+def preview_panels(rgb16, width=640, crop=640):
+    """A developed frame -> (the frame downscaled to `width`, a 100% centre crop of `crop`
+    pixels), both linear float32 on [0, 1]; only these small parts are kept of a large frame."""
     import cv2
 
-    exposure = 0.9 / max(float(np.percentile(before, 99.5)), 1e-6)
-    b8, a8 = _tone(before, exposure), _tone(after, exposure)
-    h, w = b8.shape[:2]
+    h, w = rgb16.shape[:2]
     scale = min(1.0, width / w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = [cv2.resize(x, size, interpolation=cv2.INTER_AREA) for x in (b8, a8)]
+    small = cv2.resize(rgb16, size, interpolation=cv2.INTER_AREA).astype(np.float32) / np.float32(65535)
     ch, cw = min(crop, h), min(crop, w)
     y0, x0 = (h - ch) // 2, (w - cw) // 2
-    crops = [x[y0:y0 + ch, x0:x0 + cw] for x in (b8, a8)]
-    gap = 8
-    top_w = 2 * size[0] + gap
-    bottom_w = 2 * cw + gap
-    canvas_w = max(top_w, bottom_w)
-    label_h = 28
-    canvas = np.full((label_h + size[1] + gap + label_h + ch, canvas_w, 3), 24, np.uint8)
-    for i, img in enumerate(small):
-        x = i * (size[0] + gap)
-        canvas[label_h:label_h + size[1], x:x + size[0]] = img
-        cv2.putText(canvas, ("original", "denoised")[i], (x + 4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
-                    (255, 255, 255), 1, cv2.LINE_AA)
-    y = label_h + size[1] + gap
-    for i, img in enumerate(crops):
-        x = i * (cw + gap)
-        canvas[y + label_h:y + label_h + ch, x:x + cw] = img
-        cv2.putText(canvas, ("original", "denoised")[i] + " (100% crop)", (x + 4, y + 20), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    return small, rgb16[y0:y0 + ch, x0:x0 + cw].astype(np.float32) / np.float32(65535)
+
+
+def preview_image(before, after):
+    """(frame, crop) panels of the original and the denoised image -> one BGR uint8 picture:
+    original | denoised above their 100% crops, one exposure (from the original) for all."""
+    import cv2
+
+    exposure = 0.9 / max(float(np.percentile(before[0], 99.5)), 1e-6)
+    rows = [[_tone(before[k], exposure), _tone(after[k], exposure)] for k in (0, 1)]
+    gap, label_h = 8, 28
+    canvas_w = max(2 * r[0].shape[1] + gap for r in rows)
+    canvas = np.full((sum(label_h + r[0].shape[0] for r in rows) + gap, canvas_w, 3), 24, np.uint8)
+    y = 0
+    for k, row in enumerate(rows):
+        for i, img in enumerate(row):
+            x = i * (img.shape[1] + gap)
+            canvas[y + label_h:y + label_h + img.shape[0], x:x + img.shape[1]] = img
+            label = ("original", "denoised")[i] + (" (100% crop)" if k else "")
+            cv2.putText(canvas, label, (x + 4, y + 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+        y += label_h + row[0].shape[0] + gap
     return canvas[..., ::-1]  # RGB -> BGR for OpenCV
 
 
@@ -481,7 +481,7 @@ def write_preview(path, m, denoised):
         source = m.path
     else:  # a plain mosaic has no colour metadata: neutral white balance, identity matrix
         source = dng_bytes(m.data, m.pattern, m.black, m.white)
-    image = preview_image(develop(source, m.data), develop(source, denoised))
+    image = preview_image(preview_panels(develop(source, m.data)), preview_panels(develop(source, denoised)))
     ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise MegfbError(f"could not encode the preview {path}")
