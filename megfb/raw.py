@@ -438,7 +438,7 @@ def _tone(rgb, exposure):
     return np.round(srgb * 255).astype(np.uint8)
 
 
-def preview_panels(rgb16, width=640, crop=640):
+def preview_panels(rgb16, width=480, crop=480):
     """A developed frame -> (the frame downscaled to `width`, a 100% centre crop of `crop`
     pixels), both linear float32 on [0, 1]; only these small parts are kept of a large frame."""
     import cv2
