@@ -2,7 +2,7 @@
 
 A trainer checkpoint is a dict saved with `mge.save`, marked by the key "megfb" (the project
 version) and holding: config (resolved), model (state dict), ema (state dict or None),
-optimizer, iteration, rng, split (val_fraction, seed, train_idx, val_idx), stats (mean, std)
+optimizer, iteration, rng, split (val_fraction, seed, train_idx, val_idx), stats (mean, std, black_level, white_level)
 and val (the last validation figures, best score). A plain state dict - such as the team's
 published `feedback_restormer.mge` - is just {key: array}; it loads into a model built from a
 config (the FBRestormer defaults when none is given) with strict key and shape checks.
@@ -174,7 +174,7 @@ def initialise_from(model, path, strict=True, expected_sha256=None):
 def model_from_checkpoint(path, config_path=None, prefer_ema=True):
     """Build and load a model from either checkpoint kind.
 
-    Returns (model, info) with info = {"kind", "config", "split", "val", "weights"}; the
+    Returns (model, info) with info = {"kind", "config", "split", "val", "weights", "stats"}; the
     model is in eval mode. For a trainer checkpoint the EMA weights are used when present
     (and prefer_ema), for a plain state dict the config comes from `config_path` or defaults.
     """
@@ -196,12 +196,13 @@ def model_from_checkpoint(path, config_path=None, prefer_ema=True):
             "val": obj.get("val"),
             "iteration": obj.get("iteration"),
             "weights": "ema" if use_ema else "model",
+            "stats": obj.get("stats"),  # mean, std, black_level, white_level of its data
         }
     else:
         cfg = load_config(config_path)
         state = obj
         info = {"kind": "state_dict", "config": cfg, "split": None, "val": None,
-                "iteration": None, "weights": "model"}
+                "iteration": None, "weights": "model", "stats": None}
     model = build_model(cfg["model"])
     load_weights(model, state, path)
     model.eval()

@@ -76,6 +76,15 @@ def share(text):
     return value
 
 
+def black_levels(text):
+    from .raw import parse_black
+
+    try:
+        return parse_black(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _handler(module, func):
     def run(args):
         return getattr(importlib.import_module(f"megfb.{module}"), func)(args)
@@ -121,6 +130,10 @@ def build_parser():
                    "(default: the photographs shipped inside scikit-image)")
     p.add_argument("--procedural", type=share, default=None, metavar="F",
                    help="share of procedural scenes among the patches (default: 0.4)")
+    p.add_argument("--noise-profile", action="append", metavar="A,B|FILE.dng|iso:N",
+                   help="a given camera's noise instead of the built-in phone calibration: per-channel "
+                   "variance = A*x + B on the [0,1] scale, or a DNG's NoiseProfile tag, or the phone "
+                   "calibration at one ISO; repeatable, one drawn per patch (default: phone, ISO 800-6400)")
     p.set_defaults(func=_handler("synth", "cmd_synth"))
     p = dsub.add_parser("stats", help="black level, per-channel mean/std, identity score; writes data/stats.yaml")
     p.add_argument("--data-dir", default="data", metavar="DIR", help="folder holding the training pair")
@@ -160,6 +173,30 @@ def build_parser():
     p.add_argument("--output", required=True, metavar="OUT.bin", help="where the predictions go")
     p.add_argument("--force", action="store_true", help="replace an existing --output file (never an input)")
     p.set_defaults(func=_handler("infer", "cmd_predict"))
+
+    p = sub.add_parser("denoise", help="denoise raw photographs of any size: camera raw (DNG, CR2, NEF, ARW, ...), "
+                       "16-bit TIFF/PNG or .npy mosaics, contest .bin files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files to denoise (all are checked before any is written)")
+    p.add_argument("-o", "--out-dir", default="denoised", metavar="DIR",
+                   help="where <name>.denoised.tif (+ .dng for a DNG, .npy with --npy) and <name>.preview.png go")
+    _add_model_source(p, required=True)
+    _add_prediction(p)
+    from .denoise import DENOISE_OVERLAP, DENOISE_TILE
+    p.add_argument("--tile", type=positive_int, default=DENOISE_TILE, metavar="PX",
+                   help="tile side in mosaic pixels (even; memory grows with its square)")
+    p.add_argument("--overlap", type=non_negative_int, default=DENOISE_OVERLAP, metavar="PX",
+                   help="mosaic pixels shared by neighbouring tiles, blended with a raised cosine (even)")
+    p.add_argument("--pattern", choices=("RGGB", "BGGR", "GRBG", "GBRG"), default=None,
+                   help="Bayer pattern of a plain TIFF/PNG/.npy mosaic's top-left 2x2 cell (no default: required for those)")
+    p.add_argument("--black", type=black_levels, default=None, metavar="N[,N,N,N]",
+                   help="black level of a plain mosaic: one value or four, the 2x2 cell in raster order "
+                   "(default: 0; overrides a camera raw file's own)")
+    p.add_argument("--white", type=positive_int, default=None, metavar="N",
+                   help="white (saturation) level of a plain mosaic (default: 65535; overrides a camera raw file's own)")
+    p.add_argument("--npy", action="store_true", help="also write the denoised mosaic as .npy")
+    p.add_argument("--no-preview", action="store_true", help="skip the before/after preview PNG")
+    p.add_argument("--force", action="store_true", help="replace outputs that already exist")
+    p.set_defaults(func=_handler("denoise", "cmd_denoise"))
 
     p = sub.add_parser("score", help="contest score and PSNR of a prediction .bin against a ground-truth .bin")
     p.add_argument("pred", metavar="PRED.bin", help="predictions, contest format")

@@ -255,8 +255,13 @@ def expose(rng, mosaic):
     return np.clip(mosaic * gain[:, None, None].astype(np.float32), 0, V)
 
 
-def add_sensor_noise(rng, signal):
-    """Signal (n, H, W) in DN above black -> (noisy, clean) 16-bit uint16 mosaics."""
+def add_sensor_noise(rng, signal, profiles=None):
+    """Signal (n, H, W) in DN above black -> (noisy, clean) 16-bit uint16 mosaics.
+
+    profiles: None for the built-in phone calibration, else a list of noise profiles (see
+    parse_noise_profile), one drawn per patch."""
+    if profiles:
+        return add_profile_noise(rng, signal, profiles)
     n = len(signal)
     lo, hi = SETTINGS["iso"]
     iso = np.exp(rng.uniform(np.log(lo), np.log(hi), size=n))[:, None, None]
@@ -267,17 +272,114 @@ def add_sensor_noise(rng, signal):
     noisy += rng.standard_normal(signal.shape, dtype=np.float32) * np.sqrt(read_noise_var(iso)).astype(np.float32)
     noisy = np.clip(np.rint(noisy + BLACK), 0, WHITE)
     clean = signal.astype(np.float64) + BLACK
-    to16 = lambda x: np.clip(np.rint(x * 64), 0, 65535).astype(np.uint16)  # noqa: E731
-    return to16(noisy), to16(clean)
+    return _to16(noisy), _to16(clean)
 
 
-def _chunk(seed, stream, c, n, photos):
+def _to16(x):
+    return np.clip(np.rint(x * 64), 0, 65535).astype(np.uint16)
+
+
+# ----------------------------------------------------------------- a given camera's noise
+
+def add_profile_noise(rng, signal, profiles):
+    """The noise of a given camera instead of the phone's: on the [0, 1] scale between black and
+    white, per-channel variance = a * x + b (the DNG NoiseProfile model), drawn as
+    a * Poisson(x / a) + Normal(0, b). Quantised at 16 bits (the camera's own bit depth is not
+    known), black 4096 and white 65472 like the rest of the set."""
+    n, h, w = signal.shape
+    pick = rng.integers(0, len(profiles), size=n)
+    x = signal.astype(np.float64) / V
+    noisy = np.empty_like(x)
+    for i, p in enumerate(profiles):
+        sel = np.flatnonzero(pick == i)
+        if not len(sel):
+            continue
+        a = np.tile(np.asarray(p["a"], np.float64).reshape(2, 2), (h // 2, w // 2))
+        b = np.tile(np.asarray(p["b"], np.float64).reshape(2, 2), (h // 2, w // 2))
+        xs = x[sel]
+        shot = np.where(a > 0, rng.poisson(xs / np.where(a > 0, a, 1)) * a, xs)
+        noisy[sel] = shot + rng.standard_normal(xs.shape) * np.sqrt(b)
+    noisy = np.clip(noisy * V + BLACK, 0, WHITE)
+    return _to16(noisy), _to16(signal.astype(np.float64) + BLACK)
+
+
+def profile_from_iso(iso):
+    """The built-in phone calibration (10-bit DN) at one ISO as an (a, b) profile on [0, 1]."""
+    return float(system_gain(iso)) / V, float(read_noise_var(iso)) / V ** 2
+
+
+def parse_noise_profile(text):
+    """`--noise-profile` -> {"source", "a": [4], "b": [4]} per RGGB site (R, Gr, Gb, B).
+
+    Accepted: "a,b" (one pair for every channel); "iso:N" (the built-in phone calibration at
+    ISO N); or a DNG whose NoiseProfile tag gives one pair, or one per colour plane (R, G, B).
+    Other raw files are refused: LibRaw reports their ISO but holds no noise calibration for
+    the camera, so a and b cannot be derived from them."""
+    text = str(text)
+    if text.lower().startswith("iso:"):
+        try:
+            iso = float(text[4:])
+        except ValueError:
+            raise MegfbError(f"--noise-profile {text}: expected iso:N with a number N") from None
+        if not iso > 0:
+            raise MegfbError(f"--noise-profile {text}: the ISO must be positive")
+        a, b = profile_from_iso(iso)
+        return {"source": f"phone calibration at ISO {iso:g}", "a": [a] * 4, "b": [b] * 4}
+    if not os.path.exists(text) and "," in text:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise MegfbError(f"--noise-profile {text}: expected a,b (two numbers), iso:N or a DNG file") from None
+        if len(values) != 2 or not all(np.isfinite(values)) or values[0] < 0 or values[1] < 0:
+            raise MegfbError(f"--noise-profile {text}: expected two numbers a,b >= 0 (variance = a*x + b on [0, 1])")
+        return {"source": "given", "a": [values[0]] * 4, "b": [values[1]] * 4}
+    return noise_profile_of_file(text)
+
+
+def noise_profile_of_file(path):
+    """The NoiseProfile tag (51041) of a DNG, mapped to the RGGB sites."""
+    if not os.path.isfile(path):
+        raise MegfbError(f"--noise-profile {path}: file not found (expected a,b, iso:N or a DNG file)")
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            is_dng = bool(tif.pages) and 50706 in tif.pages[0].tags
+            values, planes = None, (0, 1, 2)
+            for page in [*tif.pages, *[sub for p in tif.pages for sub in (getattr(p, "pages", None) or [])]]:
+                tag = page.tags.get(51041)
+                if tag is not None and values is None:
+                    values = [float(v) for v in np.ravel(tag.value)]
+                plane = page.tags.get(50710)
+                if plane is not None:
+                    value = plane.value
+                    planes = tuple(value) if isinstance(value, bytes) else tuple(int(v) for v in np.ravel(value))
+    except Exception:  # noqa: BLE001 - tifffile's exceptions for a non-TIFF file vary
+        is_dng, values = False, None
+    if not is_dng:
+        raise MegfbError(f"--noise-profile {path} is not a DNG: LibRaw reports a raw file's ISO but no noise "
+                         "calibration, so a,b cannot be derived from it; give a,b or a DNG with a NoiseProfile")
+    if values is None:
+        raise MegfbError(f"--noise-profile {path}: this DNG has no NoiseProfile tag; give a,b instead")
+    if len(values) == 2:
+        values = values * 3
+    if len(values) != 2 * len(planes) or len(planes) != 3 or sorted(planes) != [0, 1, 2]:
+        raise MegfbError(f"--noise-profile {path}: NoiseProfile holds {len(values)} values; expected 2 or one "
+                         "pair per R, G, B plane")
+    if any(v < 0 or not np.isfinite(v) for v in values):
+        raise MegfbError(f"--noise-profile {path}: NoiseProfile has negative or non-finite values")
+    pair = {planes[i]: (values[2 * i], values[2 * i + 1]) for i in range(3)}  # colour -> (a, b)
+    sites = [pair[c] for c in RGGB]
+    return {"source": os.path.abspath(path), "a": [p[0] for p in sites], "b": [p[1] for p in sites]}
+
+
+def _chunk(seed, stream, c, n, photos, profiles=None):
     rng = np.random.default_rng([seed, stream, c])
     rgb = clean_scenes(rng, n, photos)
-    return add_sensor_noise(rng, expose(rng, unprocess_mosaic(rng, rgb)))
+    return add_sensor_noise(rng, expose(rng, unprocess_mosaic(rng, rgb)), profiles)
 
 
-def generate(n, photos, seed, stream, threads=None):
+def generate(n, photos, seed, stream, threads=None, profiles=None):
     """Yield (noisy, clean) uint16 chunks of the n-patch set `stream` (0 train, 1 test).
 
     Chunk c is drawn from its own generator seeded by (seed, stream, c): the data are a pure
@@ -289,7 +391,7 @@ def generate(n, photos, seed, stream, threads=None):
     with ThreadPoolExecutor(threads) as pool:
         pending = collections.deque()
         for c, start in enumerate(starts):
-            pending.append(pool.submit(_chunk, seed, stream, c, min(CHUNK, n - start), photos))
+            pending.append(pool.submit(_chunk, seed, stream, c, min(CHUNK, n - start), photos, profiles))
             if len(pending) > threads:
                 yield pending.popleft().result()
         while pending:
@@ -352,11 +454,12 @@ class _Moments:
         return mean, np.sqrt(np.maximum(self.s2 / self.n - mean ** 2, 0))
 
 
-def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True, photos=None):
+def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True, photos=None, profiles=None):
     """Write the four .bin files and the note, all or nothing. Returns a summary dict.
 
     photos: (train sources, test sources, manifest entries) from split_photos, or None for
-    the scikit-image photos. Does not check what data_dir already holds; cmd_synth does that.
+    the scikit-image photos. profiles: noise profiles (parse_noise_profile) instead of the
+    built-in phone calibration. Does not check what data_dir already holds; cmd_synth does that.
     """
     train_photos, test_photos, photo_entries = photos or (TRAIN_PHOTOS, TEST_PHOTOS, None)
     from tqdm import tqdm
@@ -374,7 +477,7 @@ def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True, photos
         ):
             hashes = [hashlib.sha256(), hashlib.sha256()]
             with open(tmp[noisy_key], "wb") as fn, open(tmp[clean_key], "wb") as fc:
-                for noisy, clean in generate(n, photos, seed, stream):
+                for noisy, clean in generate(n, photos, seed, stream, profiles=profiles):
                     write_patches(fn, noisy)
                     write_patches(fc, clean)
                     hashes[0].update(noisy.astype("<u2", copy=False).tobytes())
@@ -397,6 +500,11 @@ def synthesize(data_dir, n_train=2048, n_test=256, seed=0, progress=True, photos
                        if photo_entries is None else {"source": "--photos", "files": photo_entries}),
             "settings": dict(SETTINGS),
             "sensor": {"model": "OPPO Reno 10x (PMRID)", "black_dn10": BLACK, "white_dn10": WHITE, "scale_to_16bit": 64},
+            "noise": ({"model": "phone calibration (PMRID), ISO log-uniform", "iso": list(SETTINGS["iso"])}
+                      if not profiles else
+                      {"model": "variance = a*x + b on [0, 1] (DNG NoiseProfile), one profile drawn per patch",
+                       "profiles": [{"source": p["source"], "a_rggb": [float(v) for v in p["a"]],
+                                     "b_rggb": [float(v) for v in p["b"]]} for p in profiles]}),
             "train_input_mean": [round(float(v), 5) for v in mean],
             "train_input_std": [round(float(v), 5) for v in std],
             "seconds": round(time.time() - t0, 1),
@@ -446,14 +554,17 @@ def cmd_synth(args):
         return 0
     check_free_space(data_dir, args.train, args.test)
     photos = split_photos(args.photos) if args.photos else None  # every photo checked first
+    profiles = [parse_noise_profile(p) for p in (getattr(args, "noise_profile", None) or [])]
     if args.procedural is not None:
         SETTINGS["procedural_fraction"] = args.procedural
-    note = synthesize(data_dir, args.train, args.test, args.seed, photos=photos)
+    note = synthesize(data_dir, args.train, args.test, args.seed, photos=photos, profiles=profiles)
     fmt = lambda v: "[" + ", ".join(f"{x:.4f}" for x in v) + "]"  # noqa: E731
     print(f"synthetic set written to {data_dir}: {args.train} train pairs, {args.test} test patches, "
           f"seed {args.seed}, {note['seconds']:.1f} s")
     print(f"  train input mean {fmt(note['train_input_mean'])}  published {fmt(PUBLISHED_MEAN)}")
     print(f"  train input std  {fmt(note['train_input_std'])}  published {fmt(PUBLISHED_STD)}")
+    for p in profiles:
+        print(f"  noise profile ({p['source']}): a {p['a'][0]:.3g}.., b {p['b'][0]:.3g}.. (R, Gr, Gb, B in {NOTE_NAME})")
     if photos:
         print(f"  clean content: {len(photos[0])} photos for the training file, {len(photos[1])} for the "
               f"test file, {SETTINGS['procedural_fraction']:.0%} procedural scenes (listed in {NOTE_NAME})")

@@ -120,7 +120,12 @@ def standardisation_stats(data_cfg, paths):
     data.check_stats_source(stats, path, paths)
     black = stats.get("black_level")
     black = float(np.mean(black["unit"])) if isinstance(black, dict) and "unit" in black else None
-    return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]], "black_level": black}
+    # white level: the stats file's when it has one, else the contest convention (1023 DN at 10
+    # bits x64); `megfb denoise` maps a photo's black..white onto this black..white
+    white = stats.get("white_level")
+    white = float(np.mean(white["unit"])) if isinstance(white, dict) and "unit" in white else 65472 / 65535
+    return {"mean": [float(v) for v in stats["mean"]], "std": [float(v) for v in stats["std"]],
+            "black_level": black, "white_level": white}
 
 
 def train_batches(paths, indices, cfg, crop, batch_size, start, rank=0, world=1):
