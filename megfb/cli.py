@@ -86,15 +86,19 @@ def _add_model_source(p, required=False):
                    help="a trainer checkpoint or a plain published-layout state dict"
                    + ("" if required else " (default: best.mge of the newest run under runs/)"))
     p.add_argument("--config", metavar="YAML",
-                   help="model config for a plain state dict (default: the FBRestormer defaults)")
+                   help="model config for a plain state dict (default: the architecture "
+                   "recognised from its keys, FBRestormer otherwise)")
 
 
 def _add_prediction(p):
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
                    help="patches per forward pass (default: 1 on CPU, where one patch at a time "
                    "is fastest, 8 on a GPU)")
-    p.add_argument("--tta", action="store_true",
-                   help="self-ensemble over the 8 CFA-preserving flips/rotations")
+    p.add_argument("--tta", nargs="?", const=True, default=False, choices=("cfa", "mosaic"),
+                   metavar="KIND",
+                   help="self-ensemble over 8 flips: alone, the model's own (the 2nd place's "
+                   "8 flips/transposes of the mosaic, the CFA-preserving flips/rotations for the "
+                   "others); or name it: cfa | mosaic (default: off)")
 
 
 def build_parser():

@@ -333,3 +333,36 @@ def head_mask(heads):
 def l2_norms(t, axis):
     """|t| along `axis` (kept), clamped at 1e-12 exactly like F.normalize (= torch's)."""
     return F.maximum(F.sqrt(reduce("SUM_SQR", t, axis=axis)), 1e-12)
+
+
+# ------------------------------------------------------------------- multi-dilation convs
+
+
+def dilation_placement(k, dilations):
+    """(n, k*k, S*S) one-hot: tap (u, v) of a k x k kernel dilated by dilations[i] sits at
+    (c + (u - m) r, c + (v - m) r) of the S x S combined kernel, S = (k-1) max(r) + 1,
+    m = (k-1)/2, c = (S-1)/2 (all branches share their centre: "same" padding r (k-1)/2)."""
+    def make():
+        side = (k - 1) * max(dilations) + 1
+        c, m = (side - 1) // 2, (k - 1) // 2
+        p = np.zeros((len(dilations), k * k, side * side), dtype=np.float32)
+        for i, r in enumerate(dilations):
+            for u in range(k):
+                for v in range(k):
+                    p[i, u * k + v, (c + (u - m) * r) * side + c + (v - m) * r] = 1.0
+        return p
+
+    return constant(("dilation_placement", int(k), tuple(int(r) for r in dilations)), make)
+
+
+def multi_dilation_kernel(weight, coefficients, k, dilations):
+    """sum_i coefficients[i] * dilate(weight, dilations[i]) as one S x S kernel (same leading
+    shape as weight): weight's taps times the coefficient-weighted placement matrix, a product
+    autodiff differentiates in both weight and coefficients. Exact: each combined tap is a sum
+    of at most len(dilations) products a_i w (taps of different branches may coincide)."""
+    placement = dilation_placement(k, dilations)
+    n, kk, ss = placement.shape
+    mix = F.matmul(coefficients.reshape(1, n), placement.reshape(n, kk * ss)).reshape(kk, ss)
+    lead = weight.shape[:-2]
+    side = int(round(ss ** 0.5))
+    return F.matmul(weight.reshape(-1, kk), mix).reshape(*lead, side, side)
