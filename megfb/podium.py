@@ -21,6 +21,8 @@ Neither model stores standardisation constants in its state dict (the published 
 none): `mean`/`std` are read-only properties, the published constants for FeedbackModel and
 the identity for RecurrentMobileNet; the mean/std the trainer passes in are not used.
 """
+import math
+
 import megengine as mge
 import megengine.functional as F
 import megengine.module as M
@@ -53,7 +55,7 @@ class MultiDilationConv(M.Module):
     ONE conv with the combined kernel K = sum_i a_i dilate(W, r_i) of side (k-1) r_max + 1
     (ops.multi_dilation_kernel: one product of W with a constant placement matrix, so
     gradients reach W and alpha). MegEngine 1.13's CPU dilated conv is a slow generic kernel;
-    one undilated conv is much faster even with more taps (`megfb bench --podium`).
+    one undilated conv is much faster even with more taps (`megfb compare`, plain vs fast).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, base_dilation, depthwise=False,
@@ -66,7 +68,12 @@ class MultiDilationConv(M.Module):
         self.weights = mge.Parameter(np.ones(3, dtype=np.float32))
         self.op_layer = M.Conv2d(in_channels, out_channels, kernel_size, groups=self.groups,
                                  bias=bias)
-        ops.dilation_placement(kernel_size, self.dilations)  # made now, outside any trace
+        # polyphase only for depthwise convs (a dense conv mixes channels, not phases)
+        self.phase_factor = math.gcd(*self.dilations) if depthwise else 1
+        g = self.phase_factor
+        ops.dilation_placement(kernel_size, tuple(r // g for r in self.dilations))  # outside traces
+        if g > 1:
+            ops.phase_picker(in_channels, g)
 
     def branch_coefficients(self):
         alpha = F.abs(self.weights[:len(self.dilations)])
@@ -81,11 +88,34 @@ class MultiDilationConv(M.Module):
                 out = out + a[i] * F.conv2d(x, w, b, padding=r * (k - 1) // 2, dilation=r,
                                             groups=self.groups)
             return out
-        kernel = ops.multi_dilation_kernel(w, a, k, self.dilations)
-        pad = (kernel.shape[-1] - 1) // 2
         if self.training:
-            return ops.same_conv(x, kernel, b, pad, self.groups)
-        return ops.same_conv(x, kernel, b, pad, self.groups, tune=True)
+            return self._combined(x, a, by_conv=False)
+        return self._combined(x, a, by_conv=True)
+
+    def _combined(self, x, a, by_conv):
+        """One conv with the combined kernel; when every dilation is a multiple of g > 1
+        (the published (2, 4, 6)), on the g x g polyphase sub-images with dilations r / g,
+        which keeps the kernel at 13 x 13 instead of 25 x 25 (see DepthwiseConv's fast path)."""
+        g = self.phase_factor
+        k, tune = self.kernel_size, not self.training
+        kernel = ops.multi_dilation_kernel(self.op_layer.weight, a, k,
+                                           tuple(r // g for r in self.dilations))
+        pad = (kernel.shape[-1] - 1) // 2
+        if g == 1:
+            return ops.same_conv(x, kernel, self.op_layer.bias, pad, self.groups, tune)
+        b, c, h, w = x.shape
+        ph, pw = -h % g, -w % g
+        if ph or pw:
+            x = F.nn.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
+        x = ops.space_to_phases(x, g, by_conv)
+        y = ops.same_conv(x.reshape(b, c * g * g, x.shape[2] // (g * g), x.shape[3]),
+                          F.broadcast_to(kernel.reshape(c, 1, 1, 1, *kernel.shape[-2:]),
+                                         (c, g * g, 1, 1, *kernel.shape[-2:])
+                                         ).reshape(c * g * g, 1, 1, *kernel.shape[-2:]),
+                          None, pad, c * g * g, tune).reshape(x.shape)
+        y = ops.phases_to_space(y, g, by_conv)
+        y = y[:, :, :h, :w] if ph or pw else y
+        return y if self.op_layer.bias is None else y + self.op_layer.bias
 
 
 class FeedbackTransformerBlock(M.Module):
