@@ -12,7 +12,7 @@ import megengine.functional as F
 import numpy as np
 import megengine.module as M
 
-from .layers import Conv2d, Pointwise, Standardised, TransformerBlock
+from .layers import Conv2d, LeakyReLU, Pointwise, Standardised, TransformerBlock
 from .ops import constant
 
 
@@ -213,7 +213,7 @@ class ContestBaseline(M.Module):
         chans = [4] + [width] * (num_convs - 1) + [4]
         layers = []
         for c_in, c_out in zip(chans[:-1], chans[1:]):
-            layers += [Conv2d(c_in, c_out, 3, fast=fast), M.LeakyReLU(0.125)]
+            layers += [Conv2d(c_in, c_out, 3, fast=fast), LeakyReLU(0.125, fast=fast)]
         self.net = M.Sequential(*layers)
 
     @property

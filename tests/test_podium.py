@@ -317,3 +317,13 @@ def test_whole_model_fast_equals_plain(name, cfg):
     plain = model(mge.tensor(x)).numpy()
     set_fast(model, True)
     np.testing.assert_allclose(model(mge.tensor(x)).numpy(), plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.125])
+def test_leaky_relu_fast_equals_plain(slope):
+    from megfb.layers import LeakyReLU
+
+    x = np.random.RandomState(13).randn(2, 5, 7, 7).astype(np.float32)
+    layer = LeakyReLU(slope)
+    layer.train()
+    assert_fast_equals_plain(layer, x)
