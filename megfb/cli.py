@@ -181,6 +181,24 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
     p.add_argument("--out", default="bench.json", metavar="JSON", help="where the figures are written")
     p.set_defaults(func=_handler("bench", "cmd_bench"))
+
+    p = sub.add_parser("compare", help="the MegCup 2022 podium and baseline side by side: params, MACs, "
+                       "memory, time plain/fast, score; writes JSON and a PNG chart")
+    p.add_argument("--ckpt", action="append", metavar="PATH",
+                   help="a podium model's checkpoint (architecture recognised from the file); "
+                   "repeatable; rows without one are timed with untrained weights")
+    p.add_argument("--data", metavar="DIR", help="score the checkpoints on DIR's test input and "
+                   "synthetic test targets (default: no scores)")
+    p.add_argument("--patches", type=positive_int, default=8, metavar="N", help="patches scored")
+    p.add_argument("--size", type=positive_int, default=256, metavar="PX",
+                   help="raw side of the patches timed (costs are always per 256x256 patch)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                   help="timed runs of the fast path (the plain path: 1, after a warm-up)")
+    p.add_argument("--quick", action="store_true",
+                   help="time 64x64 patches once each (the plain 2nd place takes ~1 min per 256x256 patch)")
+    p.add_argument("--out", default="compare.json", metavar="JSON", help="where the figures are written")
+    p.add_argument("--chart", default="compare.png", metavar="PNG", help="where the chart is drawn")
+    p.set_defaults(func=_handler("compare", "cmd_compare"))
     return parser
 
 
