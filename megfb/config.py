@@ -27,7 +27,7 @@ DEFAULTS = {
         "crop": 256,  # raw mosaic crop side in pixels, even (Bayer-aligned)
         "batch_size": 8,
         "workers": 2,
-        "augment": True,  # the 8 CFA-preserving dihedral transforms
+        "augment": True,  # true: the 8 CFA-preserving dihedral transforms; mosaic: the 8 of the mosaic itself
         "val_patches": None,  # cap on validation patches scored (quick runs); None = all
     },
     "model": {"name": "fbrestormer"},
@@ -45,7 +45,7 @@ DEFAULTS = {
         "grad_clip": None,  # max global L2 norm, None = off
     },
     "schedule": {
-        "type": "constant",  # constant | step | cosine
+        "type": "constant",  # constant | step | cosine | linear (to 0 at train.iterations)
         "step_size": 250000,  # step: multiply by gamma every step_size iterations
         "gamma": 0.5,
         "min_lr": 1.0e-7,  # cosine floor
@@ -163,8 +163,10 @@ def _check_values(cfg):
         ("loss", "type"): ("weighted_l1", "l1", "l2", "charbonnier", "focal"),
         ("loss", "steps"): ("all", "last"),
         ("optim", "type"): ("adam", "adamw"),
-        ("schedule", "type"): ("constant", "step", "cosine"),
+        ("schedule", "type"): ("constant", "step", "cosine", "linear"),
     }
+    if cfg["data"]["augment"] not in (True, False, "mosaic"):
+        raise MegfbError(f"config key 'data.augment' is {cfg['data']['augment']!r}; expected true, false or mosaic")
     for (section, key), allowed in choices.items():
         if cfg[section][key] not in allowed:
             raise MegfbError(

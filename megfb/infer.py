@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import MegfbError
-from .io import mosaic_to_packed, pack_bayer, packed_to_mosaic, read_bin, unpack_bayer, write_bin
+from .io import mosaic_to_packed, packed_to_mosaic, read_bin, write_bin
 
 GPU_BATCH = 8
 
@@ -63,30 +63,9 @@ def ensemble_of(model, tta):
     return kind
 
 
-def dihedral_mosaic_packed(x, k):
-    """The k-th (0..7) flip/transpose of the mosaic itself, for packed planes (..., 4, h, w):
-    unpack, k % 4 quarter turns, a left-right flip when k >= 4, pack again. The Bayer phase
-    moves (the network sees e.g. GRBG); only a model trained on such flips suits it."""
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be in 0..7, got {k}")
-    m = np.rot90(unpack_bayer(x), k % 4, axes=(-2, -1))
-    if k >= 4:
-        m = m[..., ::-1]
-    return np.ascontiguousarray(pack_bayer(np.ascontiguousarray(m)))
-
-
-def dihedral_mosaic_packed_inverse(y, k):
-    """Undo dihedral_mosaic_packed(., k)."""
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be in 0..7, got {k}")
-    m = unpack_bayer(y)
-    if k >= 4:
-        m = m[..., ::-1]
-    return np.ascontiguousarray(pack_bayer(np.ascontiguousarray(np.rot90(m, -(k % 4), axes=(-2, -1)))))
-
-
 def _ensemble_transforms(kind):
-    from .data import dihedral_packed, dihedral_packed_inverse
+    from .data import (dihedral_mosaic_packed, dihedral_mosaic_packed_inverse, dihedral_packed,
+                       dihedral_packed_inverse)
 
     if kind == "mosaic":
         return dihedral_mosaic_packed, dihedral_mosaic_packed_inverse

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from megfb.checkpoint import detect_architecture, model_from_checkpoint
-from megfb.infer import (dihedral_mosaic_packed, dihedral_mosaic_packed_inverse, predict_mosaics,
-                         predict_packed)
+from megfb.data import dihedral_mosaic_packed, dihedral_mosaic_packed_inverse
+from megfb.infer import predict_mosaics, predict_packed
 from megfb.io import PUBLISHED_MEAN, PUBLISHED_STD, pack_bayer, packed_to_mosaic, unpack_bayer
 from megfb.model import build_model, check_param_limit, count_parameters
 from megfb.podium import MultiDilationConv, branch_dilations, pack_mosaic, unpack_mosaic
@@ -327,3 +327,41 @@ def test_leaky_relu_fast_equals_plain(slope):
     layer = LeakyReLU(slope)
     layer.train()
     assert_fast_equals_plain(layer, x)
+
+
+# ------------------------------------------------------------------ the teams' training recipes
+
+
+def test_linear_schedule_decays_to_zero():
+    from megfb.train import learning_rate
+
+    sched = {"type": "linear", "warmup": 0}
+    assert [learning_rate(sched, 2e-4, it, 100) for it in (0, 50, 100)] == pytest.approx([2e-4, 1e-4, 0.0])
+
+
+def test_mosaic_augmentation_flips_the_mosaic(tmp_path):
+    from megfb.data import TrainBatches, make_batch
+    from megfb.io import write_bin
+
+    rng = np.random.RandomState(14)
+    noisy = rng.randint(0, 60000, size=(2, 256, 256)).astype(np.uint16)
+    write_bin(tmp_path / "n.bin", noisy)
+    write_bin(tmp_path / "c.bin", noisy)
+    files = TrainBatches(str(tmp_path / "n.bin"), str(tmp_path / "c.bin"), np.arange(2), 16, 4,
+                         augment="mosaic").files
+    a, _ = make_batch(files, np.arange(2), 16, 64, "mosaic", 0, 0)
+    b, _ = make_batch(files, np.arange(2), 16, 64, False, 0, 0)
+    # same picks and offsets: each mosaic crop is one of the 8 flips of the unaugmented one
+    for x, y in zip(a, b):
+        assert any(np.array_equal(x, dihedral_mosaic_packed(y, k)) for k in range(8))
+    cfa = make_batch(files, np.arange(2), 16, 64, True, 0, 0)[0]
+    assert not all(np.array_equal(x, y) for x, y in zip(a, cfa))
+
+
+def test_augment_config_is_checked():
+    from megfb.config import load_config
+    from megfb.errors import MegfbError
+
+    assert load_config(None, ["data.augment=mosaic"])["data"]["augment"] == "mosaic"
+    with pytest.raises(MegfbError, match="data.augment"):
+        load_config(None, ["data.augment=sideways"])
