@@ -365,3 +365,49 @@ def test_augment_config_is_checked():
     assert load_config(None, ["data.augment=mosaic"])["data"]["augment"] == "mosaic"
     with pytest.raises(MegfbError, match="data.augment"):
         load_config(None, ["data.augment=sideways"])
+
+
+@pytest.mark.parametrize("recipe, model_overrides", [
+    ("contest_baseline.yaml", {"width": 8}),
+    ("feedback_model_cpu.yaml", {}),
+    ("recurrent_mobilenet_cpu.yaml", {"unrolls": 1, "channels": 6, "expanded": 12}),
+])
+def test_podium_recipes_train_and_reload(tmp_path, recipe, model_overrides):
+    """Each team's recipe file runs through the one trainer (shrunk here to a few steps on tiny
+    data) and its checkpoint reloads as the team's architecture."""
+    import json
+    import os
+
+    import yaml
+
+    from megfb import train as trainer
+    from megfb.checkpoint import model_from_checkpoint
+    from megfb.config import load_config
+    from test_train import ROOT, write_tiny_data
+
+    write_tiny_data(tmp_path / "data", n=6)
+    base = load_config(os.path.join(ROOT, "configs", "podium", recipe))
+    cfg = {"base": os.path.join(ROOT, "configs", "podium", recipe), "name": "tiny",
+           "out_dir": str(tmp_path / "runs"),
+           "data": {"dir": str(tmp_path / "data"), "crop": 32, "batch_size": 2, "workers": 0,
+                    "val_fraction": 0.34, "val_patches": 1, "train_on_all": False},
+           "model": {"name": base["model"]["name"], **model_overrides},
+           "train": {"iterations": 4, "val_every": 4, "log_every": 1, "ckpt_every": 2,
+                     "preview_crops": 1}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    resolved = load_config(str(tmp_path / "tiny.yaml"))
+    assert resolved["schedule"]["type"] == base["schedule"]["type"]
+    assert resolved["loss"]["type"] == base["loss"]["type"]
+    assert resolved["data"]["augment"] == base["data"]["augment"]
+    summary = trainer.train(resolved)
+    assert np.isfinite(summary["best_score"])
+    model, info = model_from_checkpoint(str(tmp_path / "runs" / "tiny" / "best.mge"))
+    assert info["config"]["model"]["name"] == base["model"]["name"]
+    assert type(model) is type(build_model({"name": base["model"]["name"]}))
+    records = [json.loads(line) for line in open(tmp_path / "runs" / "tiny" / "log.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    if base["schedule"]["type"] == "linear":  # the recipe's decay reaches 0 at the last step
+        lrs = [r["lr"] for r in records if "lr" in r]
+        assert lrs[0] == pytest.approx(base["optim"]["lr"], rel=1e-6)
+        assert lrs[-1] == pytest.approx(base["optim"]["lr"] / 4, rel=1e-6)
