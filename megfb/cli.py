@@ -179,6 +179,10 @@ def build_parser():
     p = sub.add_parser("bench", help="plain vs fast paths side by side; writes bench.json")
     p.add_argument("--repeats", type=positive_int, default=5, metavar="N", help="timed runs per fast case")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
+    p.add_argument("--config", metavar="YAML",
+                   help="the model to bench, from a config's model section, e.g. "
+                   "configs/podium/recurrent_mobilenet.yaml (default: FBRestormer; the plain 2nd "
+                   "place takes minutes per batch: use --quick)")
     p.add_argument("--out", default="bench.json", metavar="JSON", help="where the figures are written")
     p.set_defaults(func=_handler("bench", "cmd_bench"))
 

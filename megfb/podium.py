@@ -58,6 +58,8 @@ class MultiDilationConv(M.Module):
     one undilated conv is much faster even with more taps (`megfb compare`, plain vs fast).
     """
 
+    functional_convs = True  # its branches call F.conv2d: MegEngine's module_stats cannot count them
+
     def __init__(self, in_channels, out_channels, kernel_size, base_dilation, depthwise=False,
                  bias=True, fast=True):
         super().__init__()
@@ -296,5 +298,7 @@ class RecurrentMobileNet(M.Module):
         h = a
         for _ in range(self.unrolls):
             h = self.conv2(h) + a
+            if not self.training:
+                ops.settle()  # bounded memory in eager inference (see ops.settle)
         y = pack_mosaic(self.conv3(h)) / IIL2_SCALE
         return [y] if self.training else y
