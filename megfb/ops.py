@@ -104,13 +104,8 @@ class _SameConv(Function):
 
 
 def same_conv(x, w, bias, padding, groups, tune=False):
-    """Stride-1 "same" conv plus bias, gradients as forward convs (_SameConv).
-
-    With `tune` (eval-mode forwards only) the conv runs without the Function: a Function's
-    output holds the Function, which holds its saved input, so every intermediate map of a
-    forward pass stayed alive until the output was freed (the 2nd place's 48 unrolls at
-    128x128: 10 GB, killed; measured with /tmp-free `megfb compare`)."""
-    y = conv(x, w, padding, groups, tune=True) if tune else _SameConv(padding, groups)(x, w)
+    """Stride-1 "same" conv plus bias, gradients as forward convs (_SameConv)."""
+    y = _SameConv(padding, groups, tune)(x, w)
     return y if bias is None else y + bias
 
 
