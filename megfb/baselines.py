@@ -5,11 +5,15 @@ standardisation inside, a list of one output in training, the output tensor in e
   Denoising on Mobile Devices" (Wang et al., ECCV 2020), narrowed to fit the 100K limit.
 - Restormer: the full-size model FBRestormer is distilled from (Zamir et al., CVPR 2022),
   ~26.1M parameters; far over the contest limit, kept as an upper reference.
+- ContestBaseline: the MegCup 2022 organisers' example network (six 3x3 convs, 93,854
+  parameters); the podium's 1st and 2nd places are in megfb/podium.py.
 """
 import megengine.functional as F
+import numpy as np
 import megengine.module as M
 
-from .layers import Pointwise, Standardised, TransformerBlock
+from .layers import Conv2d, LeakyReLU, Pointwise, Standardised, TransformerBlock
+from .ops import constant
 
 
 # ---------------------------------------------------------------------------------- PMRID
@@ -178,4 +182,50 @@ class Restormer(Standardised):
         y = self.decoder_level1(F.concat([self.up2_1(y), e1], axis=1))
         y = self.output(self.refinement(y)) + x
         y = y * self.std + self.mean
+        return [y] if self.training else y
+
+
+# ------------------------------------------------------------------ the organisers' baseline
+def _identity_stats():
+    """(zeros, ones) (1, 4, 1, 1) constants: the mean/std of a model that does not standardise."""
+    return (constant(("identity_mean",), lambda: np.zeros((1, 4, 1, 1), np.float32)),
+            constant(("identity_std",), lambda: np.ones((1, 4, 1, 1), np.float32)))
+
+
+class ContestBaseline(M.Module):
+    """The MegCup 2022 example notebook's network (shared/spec/podium.md): the packed mosaic
+    /65536, six 3x3 convs with bias (4->50, 50->50 x4, 50->4), each followed by LeakyReLU
+    0.125 (the last one too), no residual, no standardisation; 93,854 parameters.
+
+    The organisers published no weights, so the key names (`net.0.weight` ... `net.10.bias`,
+    a Sequential of conv, activation pairs) are ours. Their output conversion is not recorded;
+    the contest's rounding is used.
+    """
+
+    size_multiple = 1
+    output_rounding = "round"
+    ensemble = "cfa"
+
+    def __init__(self, mean=None, std=None, width=50, num_convs=6, fast=True):
+        super().__init__()
+        self.fast = fast
+        _identity_stats()  # made now, outside any trace
+        chans = [4] + [width] * (num_convs - 1) + [4]
+        layers = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [Conv2d(c_in, c_out, 3, fast=fast), LeakyReLU(0.125, fast=fast)]
+        self.net = M.Sequential(*layers)
+
+    @property
+    def mean(self):  # no standardisation: what the trainer records for it
+        return _identity_stats()[0]
+
+    @property
+    def std(self):
+        return _identity_stats()[1]
+
+    def forward(self, x):
+        # the notebook divides by 65536, the project by 65535: scale in and out to match
+        scale = 65535.0 / 65536.0
+        y = self.net(x * scale) / scale
         return [y] if self.training else y

@@ -149,7 +149,7 @@ def profile_ops(model, x, top=12):
     ]
 
 
-def run_bench(repeats=5, quick=False, profile=True):
+def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
     rng = np.random.default_rng(0)
     side = 32 if quick else 128  # packed side: 128 = one 256x256 raw patch
     crop = 16 if quick else 64  # packed side of a 128x128 raw training crop
@@ -159,7 +159,9 @@ def run_bench(repeats=5, quick=False, profile=True):
                "cores": os.cpu_count(), "quick": quick, "rows": []}
 
     _progress("building the model, counting FLOPs, measuring the matmul peak")
-    model = build_model({"name": "fbrestormer", "fast": False})
+    model_cfg = dict(model_cfg or {"name": "fbrestormer"})
+    results["model"] = model_cfg.get("name", "fbrestormer")
+    model = build_model(dict(model_cfg, fast=False))
     model.eval()
     flops = model_flops(model, (1, 4, 128, 128))
     results["params"] = count_parameters(model)
@@ -253,7 +255,7 @@ def _ratios(rows):
 
 
 def format_table(res):
-    lines = [f"megfb bench  (MegEngine {res['megengine']}, {res['cores']} cores"
+    lines = [f"megfb bench {res.get('model', 'fbrestormer')}  (MegEngine {res['megengine']}, {res['cores']} cores"
              f"{', quick sizes' if res['quick'] else ''}; {res['params']:,} params, "
              f"{res['flops_per_patch'] / 1e9:.2f} GFLOPs per 256x256 patch)",
              f"{'case':<20}{'batch':>6}{'s/patch':>10}{'s/step':>9}{'GFLOP/s':>9}{'peak MiB':>10}"]
@@ -282,7 +284,12 @@ def cmd_bench(args):
     from .atomic import check_output
 
     check_output(args.out, force=True, what="--out")  # bench.json is the project's rolling output
-    res = run_bench(repeats=args.repeats, quick=args.quick)
+    model_cfg = None
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        model_cfg = load_config(args.config)["model"]
+    res = run_bench(repeats=args.repeats, quick=args.quick, model_cfg=model_cfg)
     print(format_table(res))
     with atomic_output(args.out) as tmp:
         with open(tmp, "w") as f:

@@ -5,7 +5,9 @@ version) and holding: config (resolved), model (state dict), ema (state dict or 
 optimizer, iteration, rng, split (val_fraction, seed, train_idx, val_idx), stats (mean, std, black_level, white_level)
 and val (the last validation figures, best score). A plain state dict - such as the team's
 published `feedback_restormer.mge` - is just {key: array}; it loads into a model built from a
-config (the FBRestormer defaults when none is given) with strict key and shape checks.
+config (when none is given: the architecture recognised from its keys, the FBRestormer
+defaults otherwise) with strict key and shape checks. The 1st place's published
+`model_best.pth` is a training dict: its leaderboard weights (`ema_model`) are used.
 """
 import glob
 import os
@@ -78,6 +80,31 @@ def load_checkpoint(path, resume_hint=False):
 
 def is_trainer_checkpoint(obj):
     return isinstance(obj, dict) and "megfb" in obj
+
+
+# A key only one published layout has -> the architecture (model.name) it belongs to.
+SIGNATURE_KEYS = {
+    "net.pre_conv.0.op_layer.weight": "feedback_model",  # 1st place, team Feedback
+    "conv2.0.conv.0.weight": "recurrent_mobilenet",  # 2nd place, team IIL2
+    "block.trans_list.0.norm1.weight": "fbrestormer",  # 3rd place
+    "net.10.weight": "contest_baseline",  # the organisers' (our key names)
+}
+
+
+def published_state(obj):
+    """(state dict, which weights) of a plain file: the 1st place's `model_best.pth` holds its
+    training state, the leaderboard weights under "ema_model"; other files are the state dict."""
+    if isinstance(obj.get("ema_model"), dict):
+        return obj["ema_model"], "ema_model"
+    return obj, "model"
+
+
+def detect_architecture(state):
+    """model.name of the published layout a state dict has, or None when no signature key matches."""
+    for key, name in SIGNATURE_KEYS.items():
+        if key in state:
+            return name
+    return None
 
 
 def _as_array(value):
@@ -159,7 +186,8 @@ def initialise_from(model, path, strict=True, expected_sha256=None):
         weights = "ema" if obj.get("ema") is not None else "model"
         state = obj[weights]
     else:
-        weights, state = "state_dict", obj
+        state, weights = published_state(obj)
+        weights = "state_dict" if weights == "model" else weights
     if strict:
         load_weights(model, state, path)
         return {"path": path, "sha256": digest, "weights": weights, "skipped": []}
@@ -200,9 +228,12 @@ def model_from_checkpoint(path, config_path=None, prefer_ema=True):
         }
     else:
         cfg = load_config(config_path)
-        state = obj
+        state, weights = published_state(obj)
+        name = detect_architecture(state)
+        if config_path is None and name is not None:
+            cfg = dict(cfg, model={"name": name})
         info = {"kind": "state_dict", "config": cfg, "split": None, "val": None,
-                "iteration": None, "weights": "model", "stats": None}
+                "iteration": None, "weights": weights, "stats": None}
     model = build_model(cfg["model"])
     load_weights(model, state, path)
     model.eval()

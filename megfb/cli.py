@@ -97,16 +97,20 @@ def _add_model_source(p, required=False):
                    help="a trainer checkpoint or a plain published-layout state dict"
                    + ("" if required else " (default: best.mge of the newest run under runs/)"))
     p.add_argument("--config", metavar="YAML",
-                   help="model config for a plain state dict (default: the FBRestormer defaults); "
-                   "refused with a trainer checkpoint, which carries its own")
+                   help="model config for a plain state dict (default: the architecture "
+                   "recognised from its keys, FBRestormer otherwise); refused with a trainer "
+                   "checkpoint, which carries its own")
 
 
 def _add_prediction(p):
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
                    help="patches per forward pass (default: 1 on CPU, where one patch at a time "
                    "is fastest, 8 on a GPU)")
-    p.add_argument("--tta", action="store_true",
-                   help="self-ensemble over the 8 CFA-preserving flips/rotations")
+    p.add_argument("--tta", nargs="?", const=True, default=False, choices=("cfa", "mosaic"),
+                   metavar="KIND",
+                   help="self-ensemble over 8 flips: alone, the model's own (the 2nd place's "
+                   "8 flips/transposes of the mosaic, the CFA-preserving flips/rotations for the "
+                   "others); or name it: cfa | mosaic (default: off)")
 
 
 def build_parser():
@@ -187,7 +191,7 @@ def build_parser():
     p.add_argument("--overlap", type=non_negative_int, default=DENOISE_OVERLAP, metavar="PX",
                    help="mosaic pixels shared by neighbouring tiles, blended with a raised cosine (even)")
     p.add_argument("--pattern", choices=("RGGB", "BGGR", "GRBG", "GBRG"), default=None,
-                   help="Bayer pattern of a plain TIFF/PNG/.npy mosaic's top-left 2x2 cell (no default: required for those)")
+                   help="Bayer pattern of a plain TIFF/PNG/.npy mosaic's top-left 2x2 cell (default: none, required for those)")
     p.add_argument("--black", type=black_levels, default=None, metavar="N[,N,N,N]",
                    help="black level of a plain mosaic: one value or four, the 2x2 cell in raster order "
                    "(default: 0; overrides a camera raw file's own)")
@@ -222,6 +226,10 @@ def build_parser():
     p = sub.add_parser("bench", help="plain vs fast paths side by side; writes bench.json")
     p.add_argument("--repeats", type=positive_int, default=5, metavar="N", help="timed runs per fast case")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
+    p.add_argument("--config", metavar="YAML",
+                   help="the model to bench, from a config's model section, e.g. "
+                   "configs/podium/recurrent_mobilenet.yaml (default: FBRestormer; the plain 2nd "
+                   "place takes minutes per batch: use --quick)")
     p.add_argument("--out", default="bench.json", metavar="JSON", help="where the figures are written")
     p.set_defaults(func=_handler("bench", "cmd_bench"))
 
@@ -230,6 +238,24 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--root", default=".", metavar="DIR", help="the project folder")
     p.set_defaults(func=_handler("clean", "cmd_clean"))
+
+    p = sub.add_parser("compare", help="the MegCup 2022 podium and baseline side by side: params, MACs, "
+                       "memory, time plain/fast, score; writes JSON and a PNG chart")
+    p.add_argument("--ckpt", action="append", metavar="PATH",
+                   help="a podium model's checkpoint (architecture recognised from the file); "
+                   "repeatable; rows without one are timed with untrained weights")
+    p.add_argument("--data", metavar="DIR", help="score the checkpoints on DIR's test input and "
+                   "synthetic test targets (default: no scores)")
+    p.add_argument("--patches", type=positive_int, default=8, metavar="N", help="patches scored")
+    p.add_argument("--size", type=positive_int, default=256, metavar="PX",
+                   help="raw side of the patches timed (costs are always per 256x256 patch)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                   help="timed runs of the fast path (the plain path: 1, after a warm-up)")
+    p.add_argument("--quick", action="store_true",
+                   help="time 64x64 patches once each (the plain 2nd place takes ~1 min per 256x256 patch)")
+    p.add_argument("--out", default="compare.json", metavar="JSON", help="where the figures are written")
+    p.add_argument("--chart", default="compare.png", metavar="PNG", help="where the chart is drawn")
+    p.set_defaults(func=_handler("compare", "cmd_compare"))
     return parser
 
 

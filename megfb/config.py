@@ -32,7 +32,7 @@ DEFAULTS = {
         # pass batches through a plasma-store-server process that a killed trainer orphans,
         # and on a 2-core machine they only compete with the training step for the cores.
         "workers": 0,
-        "augment": True,  # the 8 CFA-preserving dihedral transforms
+        "augment": True,  # true: the 8 CFA-preserving dihedral transforms; mosaic: the 8 of the mosaic itself
         "val_patches": None,  # cap on validation patches scored (quick runs); None = all
     },
     "model": {"name": "fbrestormer"},
@@ -50,7 +50,7 @@ DEFAULTS = {
         "grad_clip": None,  # max global L2 norm, None = off
     },
     "schedule": {
-        "type": "constant",  # constant | step | cosine
+        "type": "constant",  # constant | step | cosine | linear (to 0 at train.iterations)
         "step_size": 250000,  # step: multiply by gamma every step_size iterations
         "gamma": 0.5,
         "min_lr": 1.0e-7,  # cosine floor
@@ -208,7 +208,7 @@ RULES = {
     "data.crop": _crop,
     "data.batch_size": integer(1),
     "data.workers": integer(0, 64),
-    "data.augment": boolean,
+    "data.augment": lambda v: None if v in (True, False, "mosaic") else "true, false or mosaic",
     "data.val_patches": integer(1, none=True),
     "loss.type": choice("weighted_l1", "l1", "l2", "charbonnier", "focal"),
     "loss.steps": choice("all", "last"),
@@ -219,7 +219,7 @@ RULES = {
     "optim.betas": _betas,
     "optim.weight_decay": number(0),
     "optim.grad_clip": number(0, lo_open=True, none=True),
-    "schedule.type": choice("constant", "step", "cosine"),
+    "schedule.type": choice("constant", "step", "cosine", "linear"),
     "schedule.step_size": integer(1),
     "schedule.gamma": number(0, lo_open=True),
     "schedule.min_lr": number(0),

@@ -15,7 +15,7 @@ from megengine.data.sampler import MapSampler
 
 from .atomic import atomic_output
 from .errors import MegfbError
-from .io import PATCH, WHITE, contest_paths, mosaic_to_packed, pack_bayer, read_pair
+from .io import PATCH, WHITE, contest_paths, mosaic_to_packed, pack_bayer, read_pair, unpack_bayer
 from .metrics import contest_score, psnr
 
 CHANNELS = ("R", "Gr", "Gb", "B")  # packed order (0,0), (0,1), (1,0), (1,1) of RGGB
@@ -248,6 +248,29 @@ def dihedral_packed_inverse(y, k):
     return np.ascontiguousarray(np.rot90(y, -(k % 4), axes=(-2, -1)))
 
 
+def dihedral_mosaic_packed(x, k):
+    """The k-th (0..7) flip/transpose of the mosaic itself, for packed planes (..., 4, h, w):
+    unpack, k % 4 quarter turns, a left-right flip when k >= 4, pack again. The Bayer phase
+    moves (the network sees e.g. GRBG); only a model trained on such flips suits it."""
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral index must be in 0..7, got {k}")
+    m = np.rot90(unpack_bayer(x), k % 4, axes=(-2, -1))
+    if k >= 4:
+        m = m[..., ::-1]
+    return np.ascontiguousarray(pack_bayer(np.ascontiguousarray(m)))
+
+
+def dihedral_mosaic_packed_inverse(y, k):
+    """Undo dihedral_mosaic_packed(., k)."""
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral index must be in 0..7, got {k}")
+    m = unpack_bayer(y)
+    if k >= 4:
+        m = m[..., ::-1]
+    return np.ascontiguousarray(pack_bayer(np.ascontiguousarray(np.rot90(m, -(k % 4), axes=(-2, -1)))))
+
+
+
 # ---------------------------------------------------------------------------- batches
 
 class _PatchFiles:
@@ -292,17 +315,20 @@ def make_batch(files, indices, crop, batch_size, augment, seed, t, rank=0):
     """Batch number t: a pure function of (seed, t[, rank]) and the data.
 
     Returns (noisy, clean) float32 (B, 4, crop/2, crop/2) on [0, 1]. Crops start on even rows
-    and columns so every crop is RGGB like the full patch.
+    and columns so every crop is RGGB like the full patch. augment: False, True (the 8
+    CFA-preserving flips/rotations) or "mosaic" (the 8 flips/transposes of the mosaic itself,
+    the 2nd place's augmentation: the network then also sees other Bayer phases).
     """
     rng = np.random.default_rng([seed, t] if rank == 0 else [seed, t, rank])
     picks = indices[rng.integers(0, len(indices), size=batch_size)]
     offsets = 2 * rng.integers(0, (PATCH - crop) // 2 + 1, size=(batch_size, 2))
     ks = rng.integers(0, 8, size=batch_size) if augment else np.zeros(batch_size, np.int64)
+    flip = dihedral_mosaic_packed if augment == "mosaic" else dihedral_packed
     out_noisy = np.empty((batch_size, 4, crop // 2, crop // 2), np.float32)
     out_clean = np.empty_like(out_noisy)
     for b, (i, (y, x), k) in enumerate(zip(picks, offsets, ks)):
-        out_noisy[b] = dihedral_packed(mosaic_to_packed(files.rows(0, i, y, crop)[:, x:x + crop]), int(k))
-        out_clean[b] = dihedral_packed(mosaic_to_packed(files.rows(1, i, y, crop)[:, x:x + crop]), int(k))
+        out_noisy[b] = flip(mosaic_to_packed(files.rows(0, i, y, crop)[:, x:x + crop]), int(k))
+        out_clean[b] = flip(mosaic_to_packed(files.rows(1, i, y, crop)[:, x:x + crop]), int(k))
     return out_noisy, out_clean
 
 
@@ -326,7 +352,8 @@ class TrainBatches:
             raise MegfbError(f"no training patches selected from {noisy_path}")
         if self.indices.min() < 0 or self.indices.max() >= self.files.count:
             raise MegfbError(f"training indices out of range for {noisy_path} ({self.files.count} patches)")
-        self.crop, self.batch_size, self.augment = int(crop), int(batch_size), bool(augment)
+        self.crop, self.batch_size, self.augment = (int(crop), int(batch_size),
+                                                  "mosaic" if augment == "mosaic" else bool(augment))
         self.seed, self.workers, self.start, self.rank = int(seed), int(workers), int(start), int(rank)
 
     def batch(self, t):

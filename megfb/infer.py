@@ -2,8 +2,12 @@
 
 The trainer's validation, `megfb eval`, `predict` and `submit` all run patches through
 `predict_mosaics` (uint16 mosaics in and out, the submission rule applied) or its packed
-core `predict_packed`. The self-ensemble (TTA) averages the model over the 8 flips/rotations
-that keep the Bayer phase (megfb.data.dihedral_packed), each output mapped back first.
+core `predict_packed`. The self-ensemble (TTA) averages the model over 8 flips/rotations,
+each output mapped back first: "cfa", the 8 that keep the Bayer phase
+(megfb.data.dihedral_packed), or "mosaic", the 8 flips/transposes of the mosaic itself (the
+2nd place's, whose network saw the same flips in training). `tta=True` takes the model's own
+(its `ensemble` attribute, "cfa" when it has none). Each model also names its own output
+conversion (`output_rounding`, see io.packed_to_mosaic).
 
 Batching is device-aware. On a CPU one patch per forward is fastest: every op already
 streams one patch's maps, and a batch only makes them outgrow the caches (measured with
@@ -46,32 +50,55 @@ def _forward(model, x):
     return y[..., :h, :w]
 
 
+ENSEMBLES = ("cfa", "mosaic")
+
+
+def ensemble_of(model, tta):
+    """The ensemble a `tta` argument asks for: None (off), "cfa" or "mosaic"; True = the model's own."""
+    if not tta:
+        return None
+    kind = getattr(model, "ensemble", "cfa") if tta is True else tta
+    if kind not in ENSEMBLES:
+        raise MegfbError(f"unknown test-time ensemble {kind!r}; expected one of {', '.join(ENSEMBLES)}")
+    return kind
+
+
+def _ensemble_transforms(kind):
+    from .data import (dihedral_mosaic_packed, dihedral_mosaic_packed_inverse, dihedral_packed,
+                       dihedral_packed_inverse)
+
+    if kind == "mosaic":
+        return dihedral_mosaic_packed, dihedral_mosaic_packed_inverse
+    return dihedral_packed, dihedral_packed_inverse
+
+
 def predict_packed(model, x, batch_size=None, tta=False, progress=True, stop=None):
     """x: (N,4,h,w) on [0,1] (any array, e.g. a memmap view) -> float32 (N,4,h,w) predictions.
 
+    tta: False, True (the model's own ensemble), "cfa" or "mosaic" (see ensemble_of).
     batch_size: patches per forward (None: default_batch_size()). stop: a callable checked
     before every forward; when it returns True the prediction ends at once with
     KeyboardInterrupt (the trainer's Ctrl-C during validation). The model is run in eval mode
     and left in the mode it came in.
     """
-    from .data import dihedral_packed, dihedral_packed_inverse
-
+    kind = ensemble_of(model, tta)
     batch_size = default_batch_size() if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise MegfbError(f"batch size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     out = np.empty(x.shape, dtype=np.float32)
-    bar = tqdm(total=len(x), unit="patch", desc="predict" + (" (TTA x8)" if tta else ""),
+    if kind is not None:
+        forward, inverse = _ensemble_transforms(kind)
+    bar = tqdm(total=len(x), unit="patch", desc="predict" + (f" (TTA x8, {kind})" if kind else ""),
                disable=not progress, leave=False)
     try:
         for i in range(0, len(x), batch_size):
             if stop is not None and stop():
                 raise KeyboardInterrupt
             xb = np.asarray(x[i:i + batch_size], dtype=np.float32)
-            if tta:
-                yb = sum(dihedral_packed_inverse(_forward(model, dihedral_packed(xb, k)), k)
-                         for k in range(8))
+            if kind is not None:
+                yb = sum(inverse(_forward(model, forward(xb, k)), k) for k in range(8))
                 out[i:i + len(xb)] = yb / np.float32(8)
             else:
                 out[i:i + len(xb)] = _forward(model, xb)
@@ -84,9 +111,9 @@ def predict_packed(model, x, batch_size=None, tta=False, progress=True, stop=Non
 
 def predict_mosaics(model, noisy, batch_size=None, tta=False, progress=True, stop=None):
     """uint16 mosaics (N,H,W) -> uint16 predictions, exactly as a submission stores them
-    (x65535, clipped, rounded)."""
+    (x65535, clipped, rounded - or truncated for a model whose output_rounding is "floor")."""
     pred = predict_packed(model, mosaic_to_packed(noisy), batch_size, tta, progress, stop)
-    return packed_to_mosaic(pred)
+    return packed_to_mosaic(pred, getattr(model, "output_rounding", "round"))
 
 
 def predict_bin(model, input_path, output_path, batch_size=None, tta=False, progress=True):
@@ -104,5 +131,6 @@ def cmd_predict(args):
     check_output(args.output, inputs=(args.input, args.ckpt, args.config), force=getattr(args, "force", False), what="--output")
     model, info = model_from_checkpoint(args.ckpt, args.config)
     n = predict_bin(model, args.input, args.output, args.batch_size, args.tta)
+    kind = ensemble_of(model, args.tta)
     print(f"wrote {args.output}: {n} patches ({info['kind']} {args.ckpt}, {info['weights']} weights"
-          f"{', TTA x8' if args.tta else ''})")
+          f"{f', TTA x8 ({kind})' if kind else ''})")

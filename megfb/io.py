@@ -157,8 +157,17 @@ def mosaic_to_packed(x):
     return pack_bayer(np.asarray(x, dtype=np.float32)) / np.float32(WHITE)
 
 
-def packed_to_mosaic(y):
+ROUNDING = ("round", "floor")
+
+
+def packed_to_mosaic(y, rounding="round"):
     """Network output on [0, 1] (..., 4, h, w) -> uint16 mosaics, the contest's submission rule:
-    x 65535, clip to [0, 65535], round, uint16, unpack."""
+    x 65535, clip to [0, 65535], round, uint16, unpack.
+
+    rounding "floor" truncates instead, as the 2nd place's code does (astype(uint16) of the
+    clipped float): a model declares which through its `output_rounding` attribute."""
+    if rounding not in ROUNDING:
+        raise ValueError(f"rounding must be one of {ROUNDING}, got {rounding!r}")
     y = np.clip(np.asarray(y, dtype=np.float32) * np.float32(WHITE), 0.0, WHITE)
-    return unpack_bayer(np.rint(y).astype(np.uint16))
+    y = np.rint(y) if rounding == "round" else np.floor(y)
+    return unpack_bayer(y.astype(np.uint16))

@@ -26,6 +26,8 @@ path equal to the plain definition (outputs and gradients). Which code runs when
 | DepthwiseConv  | M.Conv2d, dilated  | d = 1: same_conv; d > 1: the    | as training, timed kernels; pixels  |
 |                |                    | undilated conv on the d x d     | moved by one-hot stride-d convs     |
 |                |                    | polyphase sub-images (relayout) |                                     |
+| LeakyReLU      | F.leaky_relu       | max(x, slope x) (two vectorised | same                                |
+|                | (PRELU kernel)     | passes; autodiff backward)      |                                     |
 | GELU           | F.gelu (erf)       | sigmoid(x * poly(x*x)), exact   | same                                |
 |                |                    | derivative in the backward      |                                     |
 | LayerNorm      | mean / F.var       | hand-written backward, one      | same (folded away when a Pointwise  |
@@ -167,6 +169,24 @@ class DepthwiseConv(M.Conv2d):
             x = F.nn.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
         y = ops.phases_to_space(self.on_phases(ops.space_to_phases(x, d, by_conv)), d, by_conv)
         return y[:, :, :h, :w] if ph or pw else y
+
+
+# ---------------------------------------------------------------------- activations
+
+
+class LeakyReLU(M.Module):
+    """x for x > 0, slope * x otherwise (0 < slope < 1): the podium's 2nd place and the
+    organisers' baseline."""
+
+    def __init__(self, slope, fast=True):
+        super().__init__()
+        self.slope = float(slope)
+        self.fast = fast
+
+    def forward(self, x):
+        if not self.fast:
+            return F.leaky_relu(x, self.slope)
+        return ops.leaky_relu(x, self.slope)  # training and eval
 
 
 # ---------------------------------------------------------------------- GELU and LayerNorm

@@ -333,3 +333,57 @@ def head_mask(heads):
 def l2_norms(t, axis):
     """|t| along `axis` (kept), clamped at 1e-12 exactly like F.normalize (= torch's)."""
     return F.maximum(F.sqrt(reduce("SUM_SQR", t, axis=axis)), 1e-12)
+
+
+# ------------------------------------------------------------------- multi-dilation convs
+
+
+def dilation_placement(k, dilations):
+    """(n, k*k, S*S) one-hot: tap (u, v) of a k x k kernel dilated by dilations[i] sits at
+    (c + (u - m) r, c + (v - m) r) of the S x S combined kernel, S = (k-1) max(r) + 1,
+    m = (k-1)/2, c = (S-1)/2 (all branches share their centre: "same" padding r (k-1)/2)."""
+    def make():
+        side = (k - 1) * max(dilations) + 1
+        c, m = (side - 1) // 2, (k - 1) // 2
+        p = np.zeros((len(dilations), k * k, side * side), dtype=np.float32)
+        for i, r in enumerate(dilations):
+            for u in range(k):
+                for v in range(k):
+                    p[i, u * k + v, (c + (u - m) * r) * side + c + (v - m) * r] = 1.0
+        return p
+
+    return constant(("dilation_placement", int(k), tuple(int(r) for r in dilations)), make)
+
+
+def multi_dilation_kernel(weight, coefficients, k, dilations):
+    """sum_i coefficients[i] * dilate(weight, dilations[i]) as one S x S kernel (same leading
+    shape as weight): weight's taps times the coefficient-weighted placement matrix, a product
+    autodiff differentiates in both weight and coefficients. Exact: each combined tap is a sum
+    of at most len(dilations) products a_i w (taps of different branches may coincide)."""
+    placement = dilation_placement(k, dilations)
+    n, kk, ss = placement.shape
+    mix = F.matmul(coefficients.reshape(1, n), placement.reshape(n, kk * ss)).reshape(kk, ss)
+    lead = weight.shape[:-2]
+    side = int(round(ss ** 0.5))
+    return F.matmul(weight.reshape(-1, kk), mix).reshape(*lead, side, side)
+
+
+def leaky_relu(x, slope):
+    """max(x, slope * x) for 0 < slope < 1: two vectorised passes (MUL, MAX). MegEngine 1.13's
+    CPU F.leaky_relu runs as PRELU, several times slower than that on a 348-channel map; the
+    2nd place's network applies it 5 times per unroll (a third of its plain forward time)."""
+    return F.maximum(x, x * slope)
+
+
+def settle():
+    """Wait for every queued kernel, in eager execution only (a no-op while tracing).
+
+    MegEngine's asynchronous dispatch lets Python queue a whole forward pass ahead of the
+    kernels, and the queued ops' maps pile up meanwhile: the 2nd place's 48 unrolls grew by
+    ~76 MB per unroll on a 64x64 patch (1.2 GB for 16 unrolls; 21 MB with synchronous
+    dispatch), which at 256x256 is tens of GB. Settling once per unroll bounds it to one
+    unroll's maps and costs nothing measurable (the kernels dominate)."""
+    from megengine.jit.tracing import is_tracing
+
+    if not is_tracing():
+        mge._full_sync()

@@ -19,7 +19,7 @@ from .costs import graph_costs
 from .errors import MegfbError
 from .graph import (GRAPH_INPUT, GRAPH_TOLERANCE, PATCH_SHAPE, DumpedGraph, check_graph,
                     export_graph)
-from .infer import predict_mosaics
+from .infer import ensemble_of, predict_mosaics
 from .io import PATCH, load_bin, mosaic_to_packed, sha256_file, sha256_stream
 from .model import check_param_limit
 
@@ -73,7 +73,8 @@ def cmd_submit(args):
     check_folder(args.out, "--out folder")  # before minutes of prediction and graph export
     name = run_name(path, info)
     print(f"checkpoint {describe(path, info)}: {n_params:,} trainable parameters")
-    print(f"input {args.input}: {len(noisy)} patches; predicting{' with TTA' if args.tta else ''}")
+    tta = ensemble_of(model, args.tta)
+    print(f"input {args.input}: {len(noisy)} patches; predicting{f' with TTA ({tta})' if tta else ''}")
     result = predict_mosaics(model, noisy, args.batch_size, args.tta)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -107,11 +108,16 @@ def cmd_submit(args):
                             "scale": "packed Bayer (0,0),(0,1),(1,0),(1,1), uint16 / 65535"},
             "graph_max_abs_diff": diff,
             "graph_note": "one forward pass of the network, no self-ensemble"
-            + ("; result.bin averages it over the 8 CFA-safe flips/rotations (TTA)" if args.tta else ""),
+            + ({"cfa": "; result.bin averages it over the 8 CFA-safe flips/rotations (TTA)",
+                "mosaic": "; result.bin averages it over the 8 flips/transposes of the mosaic (TTA)",
+                None: ""}[tta])
+            + ("; result.bin truncates (the team's astype(uint16)) instead of rounding"
+               if getattr(model, "output_rounding", "round") == "floor" else ""),
             "fast_paths": any(getattr(m, "fast", False) for m in model.modules()),
             "validation_score": score if info["kind"] == "trainer" else None,
             "validation": _jsonable(val) if info["kind"] == "trainer" else None,
-            "tta": bool(args.tta),
+            "tta": tta is not None,
+            "tta_ensemble": tta,
             "input": os.path.abspath(args.input),
             "input_sha256": sha256_file(args.input),
             "result_sha256": sha256_file(result_path),
