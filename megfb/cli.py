@@ -95,6 +95,10 @@ def _add_prediction(p):
                    "is fastest, 8 on a GPU)")
     p.add_argument("--tta", action="store_true",
                    help="self-ensemble over the 8 CFA-preserving flips/rotations")
+    p.add_argument("--engine", choices=("mge", "lite"), default=None,
+                   help="mge: the model's eager MegEngine forward; lite: its dumped graph in one "
+                   "MegEngine Lite network per core, patches in parallel (same outputs) (default: "
+                   "lite on CPU, mge on a GPU)")
 
 
 def build_parser():
