@@ -111,6 +111,10 @@ def _add_prediction(p):
                    help="self-ensemble over 8 flips: alone, the model's own (the 2nd place's "
                    "8 flips/transposes of the mosaic, the CFA-preserving flips/rotations for the "
                    "others); or name it: cfa | mosaic (default: off)")
+    p.add_argument("--engine", choices=("mge", "lite"), default=None,
+                   help="mge: the model's eager MegEngine forward; lite: its dumped graph in one "
+                   "MegEngine Lite network per core, patches in parallel (same outputs) (default: "
+                   "lite on CPU, mge on a GPU)")
 
 
 def build_parser():

@@ -51,11 +51,11 @@ def tile_grid(h, w, tile, overlap):
 
 
 def denoise_packed(model, x, tile=DENOISE_TILE // 2, overlap=DENOISE_OVERLAP // 2, batch_size=None,
-                   tta=False, bar=None):
+                   tta=False, bar=None, engine=None):
     """x: (4, h, w) packed RGGB planes on [0, 1] -> float32 (4, h, w) blended predictions.
 
     tile/overlap in packed pixels. Tiles are predicted one row of tiles at a time through
-    predict_packed; `bar` (a tqdm) is advanced by one per tile."""
+    predict_packed (with its `engine`); `bar` (a tqdm) is advanced by one per tile."""
     from .infer import predict_packed
 
     _, h, w = x.shape
@@ -66,7 +66,7 @@ def denoise_packed(model, x, tile=DENOISE_TILE // 2, overlap=DENOISE_OVERLAP // 
     weight = np.zeros((h, w), np.float32)
     for y in ys:
         tiles = np.stack([x[:, y:y + th, x0:x0 + tw] for x0 in xs])
-        pred = predict_packed(model, tiles, batch_size=batch_size, tta=tta, progress=False)
+        pred = predict_packed(model, tiles, batch_size=batch_size, tta=tta, progress=False, engine=engine)
         for x0, p in zip(xs, pred):
             out[:, y:y + th, x0:x0 + tw] += p * window
             weight[y:y + th, x0:x0 + tw] += window
@@ -76,7 +76,7 @@ def denoise_packed(model, x, tile=DENOISE_TILE // 2, overlap=DENOISE_OVERLAP // 
     return out
 
 
-def seam_report(model, x, tile, overlap, batch_size=None):
+def seam_report(model, x, tile, overlap, batch_size=None, engine=None):
     """How much neighbouring tiles disagree where they overlap, next to how much the model
     changes: {"disagreement": mean |p_a - p_b| over every overlap of horizontally or vertically
     adjacent tiles, "removed": mean |blended - x|, "ratio": their quotient}. x, tile, overlap as
@@ -87,7 +87,7 @@ def seam_report(model, x, tile, overlap, batch_size=None):
     _, h, w = x.shape
     grid = tile_grid(h, w, tile, overlap)
     preds = predict_packed(model, np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0, th, tw in grid]),
-                           batch_size=batch_size, progress=False)
+                           batch_size=batch_size, progress=False, engine=engine)
     diffs = []
     for i, (ya, xa, th, tw) in enumerate(grid):
         for j, (yb, xb, _, _) in enumerate(grid):
@@ -97,14 +97,14 @@ def seam_report(model, x, tile, overlap, batch_size=None):
             a = preds[i][:, y0 - ya:y1 - ya, x0 - xa:x1 - xa]
             b = preds[j][:, y0 - yb:y1 - yb, x0 - xb:x1 - xb]
             diffs.append(np.abs(a - b).mean())
-    removed = float(np.abs(denoise_packed(model, x, tile, overlap, batch_size) - x).mean())
+    removed = float(np.abs(denoise_packed(model, x, tile, overlap, batch_size, engine=engine) - x).mean())
     disagreement = float(np.mean(diffs)) if diffs else 0.0
     return {"disagreement": disagreement, "removed": removed, "ratio": disagreement / max(removed, 1e-12),
             "pairs": len(diffs)}
 
 
 def denoise_mosaic(model, m, domain, tile=DENOISE_TILE, overlap=DENOISE_OVERLAP, batch_size=None,
-                   tta=False, progress=True):
+                   tta=False, progress=True, engine=None):
     """A megfb.raw.Mosaic -> uint16 (H, W) denoised mosaic in the file's own scale and grid.
 
     domain: (black, white) of the checkpoint's value range in 16-bit DN."""
@@ -121,7 +121,7 @@ def denoise_mosaic(model, m, domain, tile=DENOISE_TILE, overlap=DENOISE_OVERLAP,
     n = len(tile_grid(h, w, tile // 2, overlap // 2))
     bar = tqdm(total=n, unit="tile", desc=os.path.basename(m.path), disable=not progress, leave=True)
     try:
-        y = denoise_packed(model, packed, tile // 2, overlap // 2, batch_size, tta, bar)
+        y = denoise_packed(model, packed, tile // 2, overlap // 2, batch_size, tta, bar, engine)
     finally:
         bar.close()
     del packed
@@ -213,7 +213,8 @@ def cmd_denoise(args):
             print(f"{path}: {len(pred)} patches -> {outputs['bin']} ({time.perf_counter() - t0:.1f} s)")
             continue
         m = read_mosaic(path, args.pattern, args.black, args.white)
-        out = denoise_mosaic(model, m, domain, args.tile, args.overlap, args.batch_size, args.tta)
+        out = denoise_mosaic(model, m, domain, args.tile, args.overlap, args.batch_size, args.tta,
+                             engine=getattr(args, "engine", None))
         seconds = time.perf_counter() - t0
         write_tiff(outputs["tiff"], out)
         if "npy" in outputs:

@@ -38,8 +38,8 @@ def validation_patches(val_idx, limit=None):
     return np.sort(np.asarray(val_idx, dtype=np.int64)[:limit])
 
 
-def score_rows(model, noisy, clean, batch_size=None, tta=False):
-    pred = predict_mosaics(model, noisy, batch_size, tta)
+def score_rows(model, noisy, clean, batch_size=None, tta=False, engine=None):
+    pred = predict_mosaics(model, noisy, batch_size, tta, engine=engine)
     clean = np.asarray(clean)
     return {"model": (contest_score(pred, clean), psnr(pred, clean)),
             "identity": (contest_score(np.asarray(noisy), clean), psnr(np.asarray(noisy), clean))}
@@ -61,7 +61,8 @@ def cmd_eval(args):
         idx = validation_patches(val_idx, limit)
         part = f"the first {len(idx)} of " if len(idx) < len(val_idx) else ""
         print(f"validation: {part}{len(val_idx)} patches of {train_in}, {source}{note}")
-        results.append(("validation", score_rows(model, noisy[idx], clean[idx], args.batch_size, args.tta)))
+        results.append(("validation", score_rows(model, noisy[idx], clean[idx], args.batch_size, args.tta,
+                                                             getattr(args, "engine", None))))
     else:
         print(f"validation: skipped, {train_in} / {train_gt} not found")
     test = contest_paths(data["dir"])
@@ -72,7 +73,8 @@ def cmd_eval(args):
         # copies, read now: a memmap read after minutes of prediction would end the process
         # with SIGBUS if the file had been truncated meanwhile
         noisy, clean = np.array(noisy[:limit]), np.array(clean[:limit])
-        results.append(("synthetic test", score_rows(model, noisy, clean, args.batch_size, args.tta)))
+        results.append(("synthetic test", score_rows(model, noisy, clean, args.batch_size, args.tta,
+                                                     getattr(args, "engine", None))))
     if not results:
         raise MegfbError(f"nothing to score: no training pair or synthetic test targets in {data['dir']}/")
     print(f"\n{'set':<16}{'what':<12}{'score':>9}{'PSNR dB':>10}")

@@ -16,7 +16,7 @@ GRAPH_TOLERANCE = 1e-4  # max |graph - eager| on the [0,1] scale
 PATCH_SHAPE = (1, 4, PATCH // 2, PATCH // 2)
 
 
-def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False):
+def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_nonlinearity=False):
     """Trace the eval-mode model and dump it as a deployable MegEngine graph (weights as consts).
 
     The graph is for the traced shape only (one patch by default, the shape prediction runs on
@@ -25,6 +25,9 @@ def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False):
     all_steps traces the train-mode forward (every step's output, same arithmetic), only for
     comparing with module_stats, which runs the eager forward and so counts step outputs
     that the eval graph prunes.
+
+    fuse_nonlinearity: also fuse conv + bias + activation into one operator (the graph the Lite
+    runtime of megfb/lite.py runs; same arithmetic).
     """
     import megengine as mge
     from megengine import jit
@@ -40,7 +43,7 @@ def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False):
     infer(mge.tensor(np.random.default_rng(seed).random(shape, dtype=np.float32)))
     try:
         infer.dump(file, arg_names=[GRAPH_INPUT], output_names=None if all_steps else [GRAPH_OUTPUT],
-                   optimize_for_inference=True)
+                   optimize_for_inference=True, enable_fuse_conv_bias_nonlinearity=fuse_nonlinearity)
     finally:
         model.eval()
 

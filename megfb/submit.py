@@ -75,7 +75,7 @@ def cmd_submit(args):
     print(f"checkpoint {describe(path, info)}: {n_params:,} trainable parameters")
     tta = ensemble_of(model, args.tta)
     print(f"input {args.input}: {len(noisy)} patches; predicting{f' with TTA ({tta})' if tta else ''}")
-    result = predict_mosaics(model, noisy, args.batch_size, args.tta)
+    result = predict_mosaics(model, noisy, args.batch_size, args.tta, engine=getattr(args, "engine", None))
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     zip_path = os.path.join(args.out, f"{name}-{stamp}.zip")

@@ -82,7 +82,7 @@ def test_the_model_sees_rggb_in_its_own_range(pattern):
     data = np.tile(cell, (h // 2 + 1, w // 2 + 1))[:h, :w]
     m = Mosaic("probe", "npy", data, pattern, parse_black("100"), 4000)
     probe = Probe()
-    out = denoise_mosaic(probe, m, (MODEL_BLACK, MODEL_WHITE), tile=16, overlap=4, progress=False)
+    out = denoise_mosaic(probe, m, (MODEL_BLACK, MODEL_WHITE), tile=16, overlap=4, progress=False, engine="mge")
     for planes in probe.seen:
         expect = [(MODEL_BLACK + (v - 100) / 3900 * (MODEL_WHITE - MODEL_BLACK)) / 65535 for v in (3000, 2000, 2000, 1000)]
         for c in range(4):

@@ -129,7 +129,7 @@ def test_batching_is_device_aware(monkeypatch):
                                          ("cpu-3", False, 3, [3, 3, 3, 1]), ("gpu-4", True, 4, [4, 4, 2])):
         monkeypatch.setattr(infer, "on_gpu", lambda gpu=gpu: gpu)
         seen.clear()
-        outs[device] = predict_packed(model, x, batch_size=batch, progress=False)
+        outs[device] = predict_packed(model, x, batch_size=batch, progress=False, engine="mge")
         assert seen == expected, device
     for device in ("gpu", "cpu-3", "gpu-4"):
         np.testing.assert_allclose(outs[device], outs["cpu"], rtol=1e-5, atol=1e-6)
@@ -137,3 +137,61 @@ def test_batching_is_device_aware(monkeypatch):
     model.eval()
     model(mge.tensor(x[:3]))
     assert seen == [3]
+
+
+def test_lite_engine_equals_the_eager_model():
+    """The default CPU engine (the dumped graph in one Lite network per core, patches in
+    parallel) gives the eager model's outputs: one by one, batched, with TTA, padded."""
+    from megfb import infer, lite
+
+    assert infer.default_engine() == "lite" and lite.default_workers() >= 1
+    model = _tiny()
+    x = np.random.RandomState(3).rand(5, 4, 12, 12).astype(np.float32) * 0.3
+    for batch, tta in ((None, False), (2, False), (None, True)):
+        fast = predict_packed(model, x, batch_size=batch, tta=tta, progress=False, engine="lite")
+        eager = predict_packed(model, x, batch_size=batch, tta=tta, progress=False, engine="mge")
+        np.testing.assert_allclose(fast, eager, rtol=1e-5, atol=1e-6)
+    model.eval()
+    np.testing.assert_allclose(fast[:1], predict_packed(model, x[:1], tta=True, progress=False), rtol=0, atol=0)
+    pmrid = build_model({"name": "pmrid"})  # padded up to its size multiple, cropped after
+    x = np.random.RandomState(4).rand(3, 4, 20, 12).astype(np.float32)
+    np.testing.assert_allclose(predict_packed(pmrid, x, progress=False, engine="lite"),
+                               predict_packed(pmrid, x, progress=False, engine="mge"), rtol=1e-5, atol=1e-6)
+
+
+def test_lite_networks_agree_and_follow_new_weights():
+    """Every network of a runner computes the same numbers (a patch's result does not depend on
+    which core ran it); changed weights build a new runner."""
+    from megfb import lite
+
+    model = _tiny()
+    x = np.random.RandomState(5).rand(1, 4, 8, 8).astype(np.float32)
+    runner = lite.runner_for(model, x.shape, workers=2)
+    nets = [runner._free.get() for _ in range(2)]
+    outs = [lite.LiteRunner._forward(net, x) for net in nets]
+    for net in nets:
+        runner._free.put(net)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with runner.pool() as pool:
+        both = list(pool.map(runner, [x, x[:, :, ::-1].copy()]))
+    np.testing.assert_array_equal(both[0], outs[0])
+    assert lite.runner_for(model, x.shape, workers=2) is runner
+    before = predict_packed(model, x, progress=False, engine="lite")
+    model.conv_out[2].bias[:] = model.conv_out[2].bias + 0.01
+    assert lite.runner_for(model, x.shape, workers=2) is not runner
+    after = predict_packed(model, x, progress=False, engine="lite")
+    assert np.abs(after - before).min() > 1e-4
+    model.eval()
+    np.testing.assert_allclose(after, model(mge.tensor(x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_lite_engine_stops_on_request():
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_packed(_tiny(), np.zeros((6, 4, 8, 8), np.float32), progress=False, stop=stop, engine="lite")
+    assert len(calls) == 3

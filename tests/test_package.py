@@ -96,3 +96,53 @@ def test_every_option_shows_its_default_and_positionals_have_help():
                 entry = " ".join(parser._get_formatter()._format_action(action).split())
                 shown = "(required)" in entry if action.required else "(default" in entry
                 assert shown, f"{name} {action.option_strings[-1]}: default not shown"
+
+
+def test_malloc_thresholds_are_set_and_do_not_change_numbers():
+    """megfb tunes glibc's malloc at import; the same forward and gradients under both settings."""
+    import ctypes
+
+    import megengine as mge
+    import numpy as np
+    from megengine.autodiff import GradManager
+
+    from megfb.model import build_model
+
+    assert megfb.MALLOC == "tuned"
+    libc = ctypes.CDLL(None)
+
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                           "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                           "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    mapped = libc.mallinfo2().hblkhd
+    block = libc.malloc(64 << 20)  # a 64 MiB block comes from the heap, not from its own mmap
+    grown = libc.mallinfo2().hblkhd - mapped
+    libc.free(ctypes.c_void_p(block))
+    assert grown < (64 << 20)
+
+    mge.random.seed(0)
+    model = build_model({"name": "fbrestormer", "num_feats": 8, "num_blocks": 3})
+    x = mge.tensor(np.random.default_rng(0).random((2, 4, 16, 16), dtype=np.float32))
+    gm = GradManager().attach(model.parameters())
+
+    def forward_and_grads():
+        with gm:
+            loss = sum(o.mean() for o in model(x))
+            gm.backward(loss)
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        return loss.numpy(), grads
+
+    tuned = forward_and_grads()
+    try:
+        assert megfb.set_malloc(megfb.MALLOC_DEFAULT)
+        default = forward_and_grads()
+    finally:
+        megfb.set_malloc(megfb.MALLOC_TUNED)
+    assert tuned[0] == default[0]
+    assert all(np.array_equal(a, b) for a, b in zip(tuned[1], default[1]))

@@ -250,9 +250,9 @@ class _PhaseRamp:
 def test_tta_true_takes_the_models_own_ensemble():
     x = np.random.RandomState(9).rand(1, 4, 4, 4).astype(np.float32)
     model = _PhaseRamp()
-    own = predict_packed(model, x, tta=True, progress=False)
-    mosaic = predict_packed(model, x, tta="mosaic", progress=False)
-    cfa = predict_packed(model, x, tta="cfa", progress=False)
+    own = predict_packed(model, x, tta=True, progress=False, engine="mge")
+    mosaic = predict_packed(model, x, tta="mosaic", progress=False, engine="mge")
+    cfa = predict_packed(model, x, tta="cfa", progress=False, engine="mge")
     np.testing.assert_array_equal(own, mosaic)
     # by hand: the mosaic flips move the ramp's planes, the CFA-preserving ones keep them
     want = sum(dihedral_mosaic_packed_inverse(model(mge.tensor(dihedral_mosaic_packed(x, k))).numpy(), k)
