@@ -51,7 +51,7 @@ def model_fingerprint(model):
     return digest.hexdigest()
 
 
-def _network(graph, threads=1):
+def _network(graph, threads=1, optimized=True):
     import megenginelite as lite
 
     config = lite.LiteConfig()
@@ -64,7 +64,10 @@ def _network(graph, threads=1):
     net.threads_number = threads
     strategy = lite.LiteAlgoSelectStrategy
     # The eager fast path's choice too (megfb/ops.py TIMED): time the optimised kernels only.
-    net.set_network_algo_policy(strategy.LITE_ALGO_PROFILE | strategy.LITE_ALGO_OPTIMIZED)
+    # Some ops of the plain definitions have none (only MegEngine's naive kernel): such a
+    # graph is loaded again without the restriction (LiteRunner).
+    policy = strategy.LITE_ALGO_PROFILE | (strategy.LITE_ALGO_OPTIMIZED if optimized else 0)
+    net.set_network_algo_policy(policy)
     net.load(io.BufferedReader(io.BytesIO(graph)))
     return net
 
@@ -78,14 +81,21 @@ class LiteRunner:
         self.graph, self.shape = buf.getvalue(), tuple(shape)
         self.workers = default_workers() if workers is None else int(workers)
         self._free = queue.Queue()
-        for _ in range(self.workers):
-            self._free.put(_network(self.graph))
-        # the first forward of each network times its kernels: do it here, one after the other
-        # (the second finds the first's choices in MegEngine's cache, as the eager path would)
-        nets = [self._free.get() for _ in range(self.workers)]
+        try:
+            nets = self._warm(optimized=True)
+        except RuntimeError:  # an op with no optimised kernel (e.g. in a plain definition)
+            nets = self._warm(optimized=False)
+        for net in nets:
+            self._free.put(net)
+
+    def _warm(self, optimized):
+        """The networks, each after its first forward, which times its kernels: done here, one
+        after the other (the second finds the first's choices in MegEngine's cache, as the
+        eager path would)."""
+        nets = [_network(self.graph, optimized=optimized) for _ in range(self.workers)]
         for net in nets:
             self._forward(net, np.zeros(self.shape, dtype=np.float32))
-            self._free.put(net)
+        return nets
 
     @staticmethod
     def _forward(net, x):

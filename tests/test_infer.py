@@ -182,7 +182,8 @@ def test_lite_networks_agree_and_follow_new_weights():
     after = predict_packed(model, x, progress=False, engine="lite")
     assert np.abs(after - before).min() > 1e-4
     model.eval()
-    np.testing.assert_allclose(after, model(mge.tensor(x)).numpy(), rtol=1e-5, atol=1e-6)
+    # Lite and eager may time different kernels: equal within float rounding, not bit-equal
+    np.testing.assert_allclose(after, model(mge.tensor(x)).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_lite_engine_stops_on_request():
