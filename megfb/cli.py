@@ -177,7 +177,7 @@ def build_parser():
     p.add_argument("--overlap", type=non_negative_int, default=DENOISE_OVERLAP, metavar="PX",
                    help="mosaic pixels shared by neighbouring tiles, blended with a raised cosine (even)")
     p.add_argument("--pattern", choices=("RGGB", "BGGR", "GRBG", "GBRG"), default=None,
-                   help="Bayer pattern of a plain TIFF/PNG/.npy mosaic's top-left 2x2 cell (default: none; plain mosaics need it)")
+                   help="Bayer pattern of a plain TIFF/PNG/.npy mosaic's top-left 2x2 cell (default: none, required for those)")
     p.add_argument("--black", type=black_levels, default=None, metavar="N[,N,N,N]",
                    help="black level of a plain mosaic: one value or four, the 2x2 cell in raster order "
                    "(default: 0; overrides a camera raw file's own)")
