@@ -116,6 +116,12 @@ def test_loss_falls_and_run_directory(tmp_path, capsys):
 
     model, info = model_from_checkpoint(str(run / "best.mge"))
     assert info["weights"] == "ema" and info["iteration"] == summary["best_iteration"]
+    # its data's levels, which `megfb denoise` maps a photo's black and white onto
+    from megfb.denoise import model_domain
+
+    black, white = model_domain(info)
+    assert white == pytest.approx(65472)  # the contest convention: stats.yaml has no white level
+    assert black == pytest.approx(info["stats"]["black_level"] * 65535) and 4096 <= black < white
 
 
 def _cli(config, *extra):
