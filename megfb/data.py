@@ -122,6 +122,14 @@ def compute_stats(noisy_path, clean_path, val_fraction=0.1, seed=0, chunk=256, p
                disable=None if progress else True)
     h_noisy = _histograms(noisy, stats_idx, chunk, bar)
     h_clean = _histograms(clean, stats_idx, chunk, bar)
+    mean, std = _moments(h_noisy)
+    for c, (name, sd) in enumerate(zip(CHANNELS, std)):
+        if not sd > 0:
+            bar.close()
+            value = int(np.flatnonzero(h_noisy[c])[0])
+            raise MegfbError(f"{noisy_path}: every {name} pixel of the {len(stats_idx)} patches statistics are "
+                             f"computed on has the value {value} (constant data, std 0): there is nothing "
+                             "to standardise or learn; check that the file holds real noisy images")
     if len(val_idx):
         vn, vc = noisy[val_idx], clean[val_idx]  # fancy indexing copies only the val patches
         identity = {"score": contest_score(vn, vc), "psnr": psnr(vn, vc)}
@@ -129,14 +137,7 @@ def compute_stats(noisy_path, clean_path, val_fraction=0.1, seed=0, chunk=256, p
     else:
         identity = {"score": None, "psnr": None}
     bar.close()
-    mean, std = _moments(h_noisy)
     clean_mean, clean_std = _moments(h_clean)
-    for c, (name, sd) in enumerate(zip(CHANNELS, std)):
-        if not sd > 0:
-            value = int(np.flatnonzero(h_noisy[c])[0])
-            raise MegfbError(f"{noisy_path}: every {name} pixel of the {len(stats_idx)} patches statistics are "
-                             f"computed on has the value {value} (constant data, std 0): there is nothing "
-                             "to standardise or learn; check that the file holds real noisy images")
     black = _percentile(h_clean, 1e-4)
     lo_n, hi_n = _range(h_noisy)
     lo_c, hi_c = _range(h_clean)
