@@ -118,7 +118,7 @@ def test_sigterm_during_submit_leaves_no_temporary_folder(tmp_path):
     mge.save(build_model(TINY).state_dict(), str(tmp_path / "w.mge"))
     (tmp_path / "tiny.yaml").write_text("model: {name: fbrestormer, num_feats: 8, heads: 2, num_blocks: 3, num_steps: 2}\n")
     rng = np.random.default_rng(0)
-    (tmp_path / "in.bin").write_bytes(rng.integers(2000, 60000, (64, 256, 256)).astype("<u2").tobytes())
+    (tmp_path / "in.bin").write_bytes(rng.integers(2000, 60000, (4, 256, 256)).astype("<u2").tobytes())
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "megfb.cli", "submit", "--ckpt", str(tmp_path / "w.mge"),

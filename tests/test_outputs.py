@@ -127,10 +127,13 @@ def test_two_submits_in_the_same_second_both_survive(files, monkeypatch, capsys)
 
     monkeypatch.setattr(submit.datetime, "datetime", Frozen)
     out = files / "submit"
-    for _ in range(2):
-        assert main(["submit", "--ckpt", str(files / "w.mge"), "--config", str(files / "tiny.yaml"),
-                     "--input", str(files / "in.bin"), "--out", str(out)]) == 0
+    out.mkdir()
+    (out / "w-20260101-120000.zip").write_bytes(b"the zip another submit wrote this second")
+    assert main(["submit", "--ckpt", str(files / "w.mge"), "--config", str(files / "tiny.yaml"),
+                 "--input", str(files / "in.bin"), "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["w-20260101-120000-2.zip", "w-20260101-120000.zip"]
+    assert (out / "w-20260101-120000.zip").read_bytes() == b"the zip another submit wrote this second"
+    assert "wrote " + str(out / "w-20260101-120000-2.zip") in capsys.readouterr().out
 
 
 def test_stale_temporaries_are_swept_live_ones_kept(tmp_path):
