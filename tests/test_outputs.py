@@ -186,3 +186,24 @@ def test_prediction_inputs_are_read_once_not_memory_mapped(files, monkeypatch):
     monkeypatch.setattr(io, "count_patches", lambda p: 2)  # sized before, truncated while read
     with pytest.raises(MegfbError, match="in.bin changed while it was read"):
         io.load_bin(files / "in.bin")
+
+
+def test_denoise_output_place_and_inputs_through_links(files, capsys):
+    """The merged `megfb denoise` follows the same output rules: its input is never replaced,
+    not even through a link with --force; a file given as --out-dir is one line before work."""
+    ckpt = ["--ckpt", str(files / "w.mge"), "--config", str(files / "tiny.yaml")]
+    (files / "plain.txt").write_text("")
+    assert main(["denoise", str(files / "in.bin"), "-o", str(files / "plain.txt")] + ckpt) == 1
+    assert "plain.txt is a file, not a folder" in _one_line_error(capsys)
+    out = files / "out"
+    out.mkdir()
+    os.symlink(files / "in.bin", out / "in.denoised.bin")  # the output name is a link to the input
+    before = (files / "in.bin").read_bytes()
+    assert main(["denoise", str(files / "in.bin"), "-o", str(out), "--force"] + ckpt) == 1
+    assert "refusing to overwrite the input" in _one_line_error(capsys)
+    assert (files / "in.bin").read_bytes() == before
+
+
+def test_compare_checks_its_output_place_first(tmp_path, capsys):
+    assert main(["compare", "--quick", "--out", str(tmp_path / "nowhere" / "c.json")]) == 1
+    assert "does not exist" in _one_line_error(capsys)
