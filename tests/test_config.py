@@ -80,3 +80,10 @@ def test_make_train_checks_the_config_before_generating_data():
     check = next(i for i, line in enumerate(out) if "--check-config" in line and "typo.yaml" in line)
     synth = next(i for i, line in enumerate(out) if "data synth" in line)
     assert check < synth
+
+
+def test_text_keys_keep_what_was_typed():
+    digits = "1" * 64
+    cfg = load_config(None, ["name=2024", f"train.init_from_sha256={digits}", "data.dir=007"])
+    assert cfg["name"] == "2024" and cfg["train"]["init_from_sha256"] == digits and cfg["data"]["dir"] == "007"
+    assert load_config(None, ["train.init_from_sha256=null"])["train"]["init_from_sha256"] is None
