@@ -342,7 +342,7 @@ def load_config(path=None, overrides=()):
         raise MegfbError(f"config {path}: {exc}") from None
     for text in overrides:
         keys, value = parse_override(text)
-        if ".".join(keys) in TEXT_KEYS and value is not None and not isinstance(value, str):
+        if ".".join(keys) in TEXT_KEYS and isinstance(value, (bool, int, float)):
             value = text.split("=", 1)[1]  # name=2024, a SHA-256 of digits: the text as written
         nested = value
         for k in reversed(keys):

@@ -29,7 +29,7 @@ def test_exponent_floats_are_numbers(tmp_path, text):
     ("train.ckpt_every=0", "train.ckpt_every"), ("data.val_patches=-1", "data.val_patches"),
     ("data.workers=-1", "data.workers"), ("optim.lr=.nan", "optim.lr"), ("data.augment=maybe", "data.augment"),
     ("train.ema_decay=1.5", "train.ema_decay"), ("optim.betas=[0.9]", "optim.betas"),
-    ("train.init_from=5", "train.init_from"), ("train.init_from_sha256=abc", "train.init_from_sha256"),
+    ("train.init_from=[a, b]", "train.init_from"), ("train.init_from_sha256=abc", "train.init_from_sha256"),
     ("train.init_strict=yes please", "train.init_strict"), ("name=a/b", "name"),
     ("train.progressive=[{until: 0}]", "train.progressive"), ("schedule.step_size=0", "schedule.step_size"),
 ])
