@@ -148,7 +148,8 @@ def atomic_new_file(path):
             os.remove(new.tmp)
 
 
-def _same_file(a, b):
+def same_file(a, b):
+    """True when a and b are one file (also through a link); by real path when one is missing."""
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -160,7 +161,7 @@ def check_folder(folder, what="output folder"):
     a temporary there: permission bits say nothing for root or a read-only mount)."""
     folder = os.fspath(folder) or "."
     if not os.path.exists(folder):
-        parts, probe = [], folder
+        probe = folder
         while probe and not os.path.exists(probe):
             probe, _ = os.path.split(probe.rstrip(os.sep))
         if probe and not os.path.isdir(probe):
@@ -181,7 +182,7 @@ def check_output(path, inputs=(), force=False, what="output"):
     if path.endswith(os.sep) or os.path.isdir(path):
         raise MegfbError(f"{what} {path} is a folder; name a file")
     for source in inputs:
-        if source is not None and os.path.exists(path) and _same_file(path, os.fspath(source)):
+        if source is not None and os.path.exists(path) and same_file(path, os.fspath(source)):
             raise MegfbError(f"{what} {path} is also an input of this command ({source}); "
                              "refusing to overwrite it (name another file)")
         if source is not None and os.path.realpath(path) == os.path.realpath(os.fspath(source)):

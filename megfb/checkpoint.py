@@ -120,6 +120,8 @@ def looks_like(state):
     close): a hint for a checkpoint loaded with the wrong model."""
     from .model import _architectures, build_model
 
+    if detect_architecture(state) is not None:  # a published layout's own signature key
+        return detect_architecture(state)
     names = {_key_pattern(k) for k in state}
     best, best_share = None, 0.0
     for arch in _architectures():

@@ -1,10 +1,10 @@
 """`megfb clean` / `make clean`: remove what the project generated, and nothing else.
 
-Removed: the virtual environment, build leftovers (build/, *.egg-info), bench.json, the files
-the trainer writes in runs/<name>/ (then the folders left empty), the synthetic set's files as
-listed by data/synthetic.yaml (each only when it is still the very file the note recorded),
-the note itself, a data/stats.yaml that `megfb data stats` wrote, and temporaries of the
-project's own naming. Kept: real contest files, submission zips, and every file or folder the
+Removed: the virtual environment, build leftovers (build/, *.egg-info), bench.json,
+compare.json/.png, the files the trainer writes in runs/<name>/ (then the folders left empty),
+the synthetic set's files as listed by data/synthetic.yaml (each only when it is still the
+very file the note recorded), the note itself, a data/stats.yaml that `megfb data stats` wrote,
+and temporaries of the project's own naming. Kept: real contest files, submission zips, and every file or folder the
 project does not know (notes, backups, a README.md anywhere).
 
 Runs with a plain `python3` too (the Makefile calls it before the venv is gone): no MegEngine,
@@ -119,8 +119,7 @@ def generated_paths(root=".", venv=".venv"):
         if os.path.isdir(j(name)) and not os.path.islink(j(name)):
             out.append(j(name))
     out += [p for p in glob.glob(j("*.egg-info")) if os.path.isdir(p)]
-    if os.path.isfile(j("bench.json")):
-        out.append(j("bench.json"))
+    out += [j(name) for name in ("bench.json", "compare.json", "compare.png") if os.path.isfile(j(name))]
     out += _temporaries(root)
 
     data = j("data")

@@ -268,6 +268,10 @@ def write_png(path, img):
 def cmd_compare(args):
     import sys
 
+    from .atomic import check_output
+
+    for out in (args.out, args.chart):  # rolling project outputs; their place is checked first
+        check_output(out, force=True, what="output")
     size = 64 if args.quick else args.size
     repeats = 1 if args.quick else args.repeats
     res = run_compare(size=size, repeats=repeats, plain_repeats=1, ckpts=args.ckpt,

@@ -237,6 +237,12 @@ RULES = {
 }
 
 
+# Keys whose value is always text (names, paths, a hash): an override keeps what was typed,
+# where YAML would read `name=2024` as a number or a SHA-256 of digits as an integer.
+TEXT_KEYS = ("name", "out_dir", "data.dir", "data.train_input", "data.train_gt", "data.stats",
+             "train.init_from", "train.init_from_sha256")
+
+
 def _check_rules(cfg):
     for dotted, rule in RULES.items():
         value = cfg
@@ -336,6 +342,8 @@ def load_config(path=None, overrides=()):
         raise MegfbError(f"config {path}: {exc}") from None
     for text in overrides:
         keys, value = parse_override(text)
+        if ".".join(keys) in TEXT_KEYS and isinstance(value, (bool, int, float)):
+            value = text.split("=", 1)[1]  # name=2024, a SHA-256 of digits: the text as written
         nested = value
         for k in reversed(keys):
             nested = {k: nested}

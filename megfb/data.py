@@ -1,7 +1,8 @@
 """Training data: split, black-level statistics, CFA-safe augmentation, batches.
 
-Everything works on memory-mapped contest files (megfb.io.read_bin) in the packed domain:
-(..., 4, h, w) planes R, Gr, Gb, B of an RGGB mosaic, on the [0, 1] scale (/65535).
+Contest files are read with os.pread (megfb.io.read_patches, the batches' own reader), not
+through memory maps, so a file truncated meanwhile is one line instead of SIGBUS. Work is in
+the packed domain: (..., 4, h, w) planes R, Gr, Gb, B of an RGGB mosaic, on [0, 1] (/65535).
 """
 import os
 import warnings
@@ -15,7 +16,8 @@ from megengine.data.sampler import MapSampler
 
 from .atomic import atomic_output
 from .errors import MegfbError
-from .io import PATCH, WHITE, contest_paths, mosaic_to_packed, pack_bayer, read_pair, unpack_bayer
+from .io import (PATCH, WHITE, contest_paths, mosaic_to_packed, pack_bayer, read_pair, read_patches,
+                 unpack_bayer)
 from .metrics import contest_score, psnr
 
 CHANNELS = ("R", "Gr", "Gb", "B")  # packed order (0,0), (0,1), (1,0), (1,1) of RGGB
@@ -70,11 +72,11 @@ def check_stats_source(stats, stats_path, paths):
 
 # ---------------------------------------------------------------------------- statistics
 
-def _histograms(x, idx, chunk, bar):
-    """Per packed channel 65536-bin histograms of uint16 mosaics x[idx] (exact statistics)."""
+def _histograms(path, idx, chunk, bar):
+    """Per packed channel 65536-bin histograms of the uint16 mosaics idx of a .bin (exact)."""
     hist = np.zeros((4, 65536), np.int64)
     for i in range(0, len(idx), chunk):
-        p = pack_bayer(np.asarray(x[idx[i:i + chunk]]))
+        p = pack_bayer(read_patches(path, idx[i:i + chunk]))
         for c in range(4):
             hist[c] += np.bincount(p[:, c].ravel(), minlength=65536)
         if bar is not None:
@@ -120,23 +122,24 @@ def compute_stats(noisy_path, clean_path, val_fraction=0.1, seed=0, chunk=256, p
     stats_idx = train_idx if len(train_idx) else val_idx
     bar = tqdm(total=2 * len(stats_idx) + len(val_idx), unit="patch", desc="stats",
                disable=None if progress else True)
-    h_noisy = _histograms(noisy, stats_idx, chunk, bar)
-    h_clean = _histograms(clean, stats_idx, chunk, bar)
+    h_noisy = _histograms(noisy_path, stats_idx, chunk, bar)
+    h_clean = _histograms(clean_path, stats_idx, chunk, bar)
+    mean, std = _moments(h_noisy)
+    for c, (name, sd) in enumerate(zip(CHANNELS, std)):
+        if not sd > 0:
+            bar.close()
+            value = int(np.flatnonzero(h_noisy[c])[0])
+            raise MegfbError(f"{noisy_path}: every {name} pixel of the {len(stats_idx)} patches statistics are "
+                             f"computed on has the value {value} (constant data, std 0): there is nothing "
+                             "to standardise or learn; check that the file holds real noisy images")
     if len(val_idx):
-        vn, vc = noisy[val_idx], clean[val_idx]  # fancy indexing copies only the val patches
+        vn, vc = read_patches(noisy_path, val_idx), read_patches(clean_path, val_idx)
         identity = {"score": contest_score(vn, vc), "psnr": psnr(vn, vc)}
         bar.update(len(val_idx))
     else:
         identity = {"score": None, "psnr": None}
     bar.close()
-    mean, std = _moments(h_noisy)
     clean_mean, clean_std = _moments(h_clean)
-    for c, (name, sd) in enumerate(zip(CHANNELS, std)):
-        if not sd > 0:
-            value = int(np.flatnonzero(h_noisy[c])[0])
-            raise MegfbError(f"{noisy_path}: every {name} pixel of the {len(stats_idx)} patches statistics are "
-                             f"computed on has the value {value} (constant data, std 0): there is nothing "
-                             "to standardise or learn; check that the file holds real noisy images")
     black = _percentile(h_clean, 1e-4)
     lo_n, hi_n = _range(h_noisy)
     lo_c, hi_c = _range(h_clean)

@@ -165,9 +165,17 @@ def output_paths(path, out_dir, kind, npy=False, preview=True):
 def _check_inputs(args):
     """Read every input once before a model is loaded or anything written: one bad file stops
     the run with its own sentence and no output at all."""
+    from .atomic import check_folder, same_file
     from .io import count_patches
     from .raw import read_mosaic
 
+    # the output place before any work: a file where the folder should be, or a folder that
+    # cannot be written, is one line (a missing --out-dir is made inside an existing folder)
+    if os.path.exists(args.out_dir):
+        check_folder(args.out_dir, "--out-dir")
+    else:
+        check_folder(os.path.dirname(os.path.abspath(args.out_dir)), "--out-dir parent folder")
+    sources = [p for p in (*args.inputs, args.ckpt, args.config) if p]
     plan, seen = [], {}
     for path in args.inputs:
         if os.path.splitext(path)[1].lower() == ".bin":
@@ -182,8 +190,9 @@ def _check_inputs(args):
                                  "denoise them into different --out-dir folders")
             if os.path.exists(out) and not args.force:
                 raise MegfbError(f"{out} already exists; use --force to replace it")
-            if os.path.abspath(out) == os.path.abspath(path):
-                raise MegfbError(f"refusing to overwrite the input {path}")
+            clash = next((p for p in sources if same_file(out, p)), None)
+            if clash is not None:  # also through a link; --force never allows it
+                raise MegfbError(f"refusing to overwrite the input {clash} with {out}")
             seen[os.path.abspath(out)] = path
         plan.append((path, kind, outputs))
     return plan

@@ -12,7 +12,7 @@ import numpy as np
 from .checkpoint import describe, load_model
 from .errors import MegfbError
 from .infer import predict_mosaics
-from .io import contest_paths, read_pair
+from .io import contest_paths, read_pair, read_patches
 from .metrics import contest_score, psnr
 
 
@@ -61,8 +61,8 @@ def cmd_eval(args):
         idx = validation_patches(val_idx, limit)
         part = f"the first {len(idx)} of " if len(idx) < len(val_idx) else ""
         print(f"validation: {part}{len(val_idx)} patches of {train_in}, {source}{note}")
-        results.append(("validation", score_rows(model, noisy[idx], clean[idx], args.batch_size, args.tta,
-                                                             getattr(args, "engine", None))))
+        results.append(("validation", score_rows(model, read_patches(train_in, idx), read_patches(train_gt, idx),
+                                                 args.batch_size, args.tta, getattr(args, "engine", None))))
     else:
         print(f"validation: skipped, {train_in} / {train_gt} not found")
     test = contest_paths(data["dir"])

@@ -64,6 +64,24 @@ def read_bin(path):
     return np.memmap(os.fspath(path), dtype=DTYPE, mode="r", shape=(n, PATCH, PATCH))
 
 
+def read_patches(path, indices):
+    """Patches `indices` of a contest .bin as (n, 256, 256) uint16, read with os.pread.
+
+    For the long reads (statistics, validation sets): a file truncated or replaced meanwhile
+    is one line naming it, where a memmap read would end the process with SIGBUS."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    out = np.empty((len(idx), PATCH, PATCH), dtype=DTYPE)
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        for j, i in enumerate(idx):
+            if os.preadv(fd, [memoryview(out[j]).cast("B")], int(i) * PATCH_BYTES) != PATCH_BYTES:
+                raise MegfbError(f"{path} is now {os.fstat(fd).st_size} bytes, too short for patch {int(i)}: it "
+                                 "was truncated or replaced while it was being read")
+    finally:
+        os.close(fd)
+    return out
+
+
 def load_bin(path):
     """Read a contest .bin whole into memory as (N, 256, 256) uint16 (prediction inputs: at most
     a few hundred MB). Unlike a memmap, a file truncated or replaced while a long command runs

@@ -377,7 +377,9 @@ def _run_training(cfg, restart, rank, world, main, lock):
         split = {"val_fraction": d["val_fraction"], "seed": d["split_seed"], "train_on_all": d["train_on_all"],
                  "train_idx": np.asarray(train_idx), "val_idx": np.asarray(val_idx)}
     val_sel = validation_patches(val_idx, cfg["data"]["val_patches"])
-    val_noisy, val_clean = np.asarray(noisy[val_sel]), np.asarray(clean[val_sel])
+    from .io import read_patches
+
+    val_noisy, val_clean = read_patches(paths[0], val_sel), read_patches(paths[1], val_sel)
 
     mge.random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])

@@ -29,7 +29,7 @@ def test_exponent_floats_are_numbers(tmp_path, text):
     ("train.ckpt_every=0", "train.ckpt_every"), ("data.val_patches=-1", "data.val_patches"),
     ("data.workers=-1", "data.workers"), ("optim.lr=.nan", "optim.lr"), ("data.augment=maybe", "data.augment"),
     ("train.ema_decay=1.5", "train.ema_decay"), ("optim.betas=[0.9]", "optim.betas"),
-    ("train.init_from=5", "train.init_from"), ("train.init_from_sha256=abc", "train.init_from_sha256"),
+    ("train.init_from=[a, b]", "train.init_from"), ("train.init_from_sha256=abc", "train.init_from_sha256"),
     ("train.init_strict=yes please", "train.init_strict"), ("name=a/b", "name"),
     ("train.progressive=[{until: 0}]", "train.progressive"), ("schedule.step_size=0", "schedule.step_size"),
 ])
@@ -80,3 +80,10 @@ def test_make_train_checks_the_config_before_generating_data():
     check = next(i for i, line in enumerate(out) if "--check-config" in line and "typo.yaml" in line)
     synth = next(i for i, line in enumerate(out) if "data synth" in line)
     assert check < synth
+
+
+def test_text_keys_keep_what_was_typed():
+    digits = "1" * 64
+    cfg = load_config(None, ["name=2024", f"train.init_from_sha256={digits}", "data.dir=007"])
+    assert cfg["name"] == "2024" and cfg["train"]["init_from_sha256"] == digits and cfg["data"]["dir"] == "007"
+    assert load_config(None, ["train.init_from_sha256=null"])["train"]["init_from_sha256"] is None

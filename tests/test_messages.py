@@ -103,12 +103,43 @@ def test_sigterm_during_synth_leaves_no_temporaries(tmp_path):
     data = tmp_path / "d"
     proc = subprocess.Popen([sys.executable, "-m", "megfb.cli", "data", "synth", "--data-dir", str(data),
                              "--train", "4096", "--test", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while not glob.glob(str(data / ".*.tmp")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0].decode()
+    try:
+        deadline = time.time() + 60
+        while not glob.glob(str(data / ".*.tmp")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:  # a failed check leaves no process behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, out
     assert "interrupted" in out
     assert os.listdir(data) == []
+
+
+def test_sigterm_during_submit_leaves_no_temporary_folder(tmp_path):
+    mge.save(build_model(TINY).state_dict(), str(tmp_path / "w.mge"))
+    (tmp_path / "tiny.yaml").write_text("model: {name: fbrestormer, num_feats: 8, heads: 2, num_blocks: 3, num_steps: 2}\n")
+    rng = np.random.default_rng(0)
+    (tmp_path / "in.bin").write_bytes(rng.integers(2000, 60000, (4, 256, 256)).astype("<u2").tobytes())
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "megfb.cli", "submit", "--ckpt", str(tmp_path / "w.mge"),
+                             "--config", str(tmp_path / "tiny.yaml"), "--input", str(tmp_path / "in.bin"),
+                             "--out", str(tmp_path / "submit")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TMPDIR=str(tmp)))
+    try:
+        deadline = time.time() + 120
+        while not os.listdir(tmp) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert os.listdir(tmp) and os.listdir(tmp)[0].startswith(f"megfb-submit-{proc.pid}-")
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:  # a failed check leaves no process behind
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert os.listdir(tmp) == [] and os.listdir(tmp_path / "submit") == []

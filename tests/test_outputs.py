@@ -127,10 +127,13 @@ def test_two_submits_in_the_same_second_both_survive(files, monkeypatch, capsys)
 
     monkeypatch.setattr(submit.datetime, "datetime", Frozen)
     out = files / "submit"
-    for _ in range(2):
-        assert main(["submit", "--ckpt", str(files / "w.mge"), "--config", str(files / "tiny.yaml"),
-                     "--input", str(files / "in.bin"), "--out", str(out)]) == 0
+    out.mkdir()
+    (out / "w-20260101-120000.zip").write_bytes(b"the zip another submit wrote this second")
+    assert main(["submit", "--ckpt", str(files / "w.mge"), "--config", str(files / "tiny.yaml"),
+                 "--input", str(files / "in.bin"), "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["w-20260101-120000-2.zip", "w-20260101-120000.zip"]
+    assert (out / "w-20260101-120000.zip").read_bytes() == b"the zip another submit wrote this second"
+    assert "wrote " + str(out / "w-20260101-120000-2.zip") in capsys.readouterr().out
 
 
 def test_stale_temporaries_are_swept_live_ones_kept(tmp_path):
@@ -183,3 +186,24 @@ def test_prediction_inputs_are_read_once_not_memory_mapped(files, monkeypatch):
     monkeypatch.setattr(io, "count_patches", lambda p: 2)  # sized before, truncated while read
     with pytest.raises(MegfbError, match="in.bin changed while it was read"):
         io.load_bin(files / "in.bin")
+
+
+def test_denoise_output_place_and_inputs_through_links(files, capsys):
+    """The merged `megfb denoise` follows the same output rules: its input is never replaced,
+    not even through a link with --force; a file given as --out-dir is one line before work."""
+    ckpt = ["--ckpt", str(files / "w.mge"), "--config", str(files / "tiny.yaml")]
+    (files / "plain.txt").write_text("")
+    assert main(["denoise", str(files / "in.bin"), "-o", str(files / "plain.txt")] + ckpt) == 1
+    assert "plain.txt is a file, not a folder" in _one_line_error(capsys)
+    out = files / "out"
+    out.mkdir()
+    os.symlink(files / "in.bin", out / "in.denoised.bin")  # the output name is a link to the input
+    before = (files / "in.bin").read_bytes()
+    assert main(["denoise", str(files / "in.bin"), "-o", str(out), "--force"] + ckpt) == 1
+    assert "refusing to overwrite the input" in _one_line_error(capsys)
+    assert (files / "in.bin").read_bytes() == before
+
+
+def test_compare_checks_its_output_place_first(tmp_path, capsys):
+    assert main(["compare", "--quick", "--out", str(tmp_path / "nowhere" / "c.json")]) == 1
+    assert "does not exist" in _one_line_error(capsys)

@@ -181,3 +181,23 @@ def test_os_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "stats.yaml: No space left on device" in _err(capsys)
     assert cli.main(["score", str(tmp_path), str(tmp_path)]) == 1
     _err(capsys)
+
+
+def test_statistics_and_validation_reads_name_a_truncated_file(tmp_path, monkeypatch):
+    """Statistics, the trainer's and eval's validation sets read with pread too: a file cut
+    short under them is one line naming it (a memmap read would end the process with SIGBUS)."""
+    from megfb import data
+    from megfb.io import read_patches
+
+    write_tiny_data(tmp_path, n=4)
+    gt = tmp_path / "competition_train_gt.0.2.bin"
+    np.testing.assert_array_equal(read_patches(gt, [2, 0])[1], np.fromfile(gt, "<u2")[:256 * 256].reshape(256, 256))
+    real = data.read_patches
+
+    def truncated_after_counting(path, idx):
+        os.truncate(gt, 256 * 256 * 2)  # cut short after the sizes were checked
+        return real(path, idx)
+
+    monkeypatch.setattr(data, "read_patches", truncated_after_counting)
+    with pytest.raises(MegfbError, match="competition_train_gt.0.2.bin is now 131072 bytes, too short"):
+        data.compute_stats(str(tmp_path / "competition_train_input.0.2.bin"), str(gt), 0.25, 0, progress=False)
