@@ -4,7 +4,6 @@ import os
 import zipfile
 
 import numpy as np
-import yaml
 
 from megfb import train as trainer
 from megfb.checkpoint import load_model, newest_run_checkpoint, save_checkpoint
@@ -15,19 +14,7 @@ from megfb.io import read_pair
 from megfb.metrics import contest_score
 from megfb.model import build_model
 
-TINY = {"name": "fbrestormer", "num_feats": 8, "heads": 2, "num_blocks": 3, "num_steps": 2}
-
-
-def write_config(path, model_cfg, **extra):
-    path.write_text(yaml.safe_dump({"model": model_cfg, **extra}))
-    return str(path)
-
-
-def make_input(path, n=2, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(2000, 60000, size=(n, 256, 256)).astype("<u2")
-    x.tofile(path)
-    return x
+from helpers import TINY, make_input, write_config  # noqa: E402
 
 
 def zips(folder):

@@ -7,7 +7,6 @@ import zipfile
 import megengine as mge
 import numpy as np
 import pytest
-import yaml
 
 from megfb.checkpoint import save_checkpoint
 from megfb.cli import main
@@ -16,19 +15,7 @@ from megfb.infer import predict_mosaics
 from megfb.io import mosaic_to_packed
 from megfb.model import build_model, count_parameters
 
-TINY = {"name": "fbrestormer", "num_feats": 8, "heads": 2, "num_blocks": 3, "num_steps": 2}
-
-
-def write_config(path, model_cfg, **extra):
-    path.write_text(yaml.safe_dump({"model": model_cfg, **extra}))
-    return str(path)
-
-
-def make_input(path, n=2, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(2000, 60000, size=(n, 256, 256)).astype("<u2")
-    x.tofile(path)
-    return x
+from helpers import TINY, make_input, write_config  # noqa: E402
 
 
 @pytest.fixture
