@@ -160,7 +160,7 @@ def run_compare(size=PATCH, repeats=3, plain_repeats=1, ckpts=(), data_dir=None,
 def format_table(res):
     size = res["timed_raw_size"]
     lines = [f"megfb compare (MegEngine {res['megengine']}, {res['cores']} cores; costs per 256x256 "
-             f"patch; times per {size}x{size} patch{' (--quick: small patches)' if size < PATCH else ''}, "
+             f"patch; times per {size}x{size} patch{' (smaller than a contest patch)' if size < PATCH else ''}, "
              f"median of {res['repeats']} fast / {res['plain_repeats']} plain runs)"]
     head = (f"{'model':<31}{'params':>8}{'GMACs':>8}{'GFLOPs':>8}{'acts M':>8}{'peak MiB':>10}"
             f"{'s plain':>9}{'s fast':>8}{'x':>6}{'score':>8}{'leaderbd':>9}")
