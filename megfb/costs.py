@@ -278,8 +278,8 @@ def print_costs(report):
         agree = "agrees" if report["module_stats_conv_macs"] == every else "DISAGREES"
         print(f"  check       MegEngine module_stats: {_g(report['module_stats_conv_macs'])} conv MACs; ours with "
               f"every step's output {_g(every)} ({agree})")
-    print(f"              (module_stats sees no F.matmul; the eval graph drops the unused earlier steps' "
-          f"output heads: {_g(every - plain['conv_macs'])})")
+        print(f"              (module_stats sees no F.matmul; the eval graph drops the unused earlier steps' "
+              f"output heads: {_g(every - plain['conv_macs'])})")
     print(f"  activations {plain['activations'] / 1e6:.2f} M elements out of convolutions and matrix products")
     print(f"  memory      {plain['peak_bytes'] / 2**20:.1f} MiB peak activations (plain graph), "
           f"{fast['peak_bytes'] / 2**20:.1f} MiB (fast graph); weights {fast['weight_bytes'] / 2**10:.0f} KiB")

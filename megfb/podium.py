@@ -105,19 +105,14 @@ class MultiDilationConv(M.Module):
         pad = (kernel.shape[-1] - 1) // 2
         if g == 1:
             return ops.same_conv(x, kernel, self.op_layer.bias, pad, self.groups, tune)
-        b, c, h, w = x.shape
-        ph, pw = -h % g, -w % g
+        h, w = x.shape[2], x.shape[3]
+        ph, pw = -h % g, -w % g  # zero rows/columns: what the plain conv's padding reads
         if ph or pw:
             x = F.nn.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
-        x = ops.space_to_phases(x, g, by_conv)
-        y = ops.same_conv(x.reshape(b, c * g * g, x.shape[2] // (g * g), x.shape[3]),
-                          F.broadcast_to(kernel.reshape(c, 1, 1, 1, *kernel.shape[-2:]),
-                                         (c, g * g, 1, 1, *kernel.shape[-2:])
-                                         ).reshape(c * g * g, 1, 1, *kernel.shape[-2:]),
-                          None, pad, c * g * g, tune).reshape(x.shape)
+        y = ops.depthwise_on_phases(ops.space_to_phases(x, g, by_conv), kernel,
+                                    self.op_layer.bias, g, tune)
         y = ops.phases_to_space(y, g, by_conv)
-        y = y[:, :, :h, :w] if ph or pw else y
-        return y if self.op_layer.bias is None else y + self.op_layer.bias
+        return y[:, :, :h, :w] if ph or pw else y
 
 
 class FeedbackTransformerBlock(M.Module):

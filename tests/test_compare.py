@@ -35,6 +35,7 @@ def test_compare_table_json_chart_and_score(tmp_path, capsys):
     assert rows["contest_baseline"]["macs"] == 1_533_542_400  # six 3x3 convs on 128x128
     assert 300e9 < rows["recurrent_mobilenet"]["macs"] < 320e9  # "about 310 G"
     assert rows["fbrestormer"]["score"] is None and rows["contest_baseline"]["score"] is not None
+    assert rows["contest_baseline"]["max_dn_fast_vs_plain"] <= 1
     assert all(r["sec_plain"] > 0 and r["sec_fast"] > 0 for r in res["rows"])
     assert res["timed_raw_size"] == 16 and "times per 16x16 patch" in text
     assert "organisers' baseline" in text and "9.00798" in text

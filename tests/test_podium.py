@@ -411,3 +411,33 @@ def test_podium_recipes_train_and_reload(tmp_path, recipe, model_overrides):
         lrs = [r["lr"] for r in records if "lr" in r]
         assert lrs[0] == pytest.approx(base["optim"]["lr"], rel=1e-6)
         assert lrs[-1] == pytest.approx(base["optim"]["lr"] / 4, rel=1e-6)
+
+
+def test_cli_predict_takes_the_published_training_dict(tmp_path, capsys):
+    from megfb.cli import build_parser, main
+    from megfb.io import read_bin, write_bin
+
+    path = str(tmp_path / "model_best.pth")
+    mge.save({"model": _random_state(feedback_layout(), 1), "epoch": 1,
+              "ema_model": _random_state(feedback_layout(), 0, scale=0.02)}, path)
+    raw = np.random.RandomState(15).randint(4000, 20000, size=(1, 256, 256)).astype(np.uint16)
+    write_bin(tmp_path / "in.bin", raw)
+    assert main(["predict", "--ckpt", path, "--input", str(tmp_path / "in.bin"),
+                 "--output", str(tmp_path / "out.bin")]) == 0
+    assert "ema_model weights" in capsys.readouterr().out
+    model, _ = model_from_checkpoint(path)
+    np.testing.assert_array_equal(read_bin(tmp_path / "out.bin"), predict_mosaics(model, raw, progress=False))
+    # --tta alone: the model's own ensemble; or named
+    parse = build_parser().parse_args
+    common = ["predict", "--ckpt", path, "--input", "a", "--output", "b"]
+    assert parse(common + ["--tta"]).tta is True
+    assert parse(common + ["--tta", "mosaic"]).tta == "mosaic"
+    assert parse(common).tta is False
+
+
+def test_params_report_skips_the_module_stats_check_for_functional_convs():
+    from megfb.costs import model_report
+
+    report = model_report(build_model({"name": "feedback_model"}), timing=False)
+    assert report["params"] == 99_553 and report["module_stats_conv_macs"] is None
+    assert report["plain"]["macs"] > report["plain"]["conv_macs"] > 0
