@@ -51,7 +51,7 @@ def model_fingerprint(model):
     return digest.hexdigest()
 
 
-def _network(graph, threads=1):
+def _network(graph, timed=True, threads=1):
     import megenginelite as lite
 
     config = lite.LiteConfig()
@@ -64,7 +64,8 @@ def _network(graph, threads=1):
     net.threads_number = threads
     strategy = lite.LiteAlgoSelectStrategy
     # The eager fast path's choice too (megfb/ops.py TIMED): time the optimised kernels only.
-    net.set_network_algo_policy(strategy.LITE_ALGO_PROFILE | strategy.LITE_ALGO_OPTIMIZED)
+    net.set_network_algo_policy(strategy.LITE_ALGO_PROFILE | strategy.LITE_ALGO_OPTIMIZED if timed
+                                else strategy.LITE_ALGO_HEURISTIC)
     net.load(io.BufferedReader(io.BytesIO(graph)))
     return net
 
@@ -78,14 +79,22 @@ class LiteRunner:
         self.graph, self.shape = buf.getvalue(), tuple(shape)
         self.workers = default_workers() if workers is None else int(workers)
         self._free = queue.Queue()
-        for _ in range(self.workers):
-            self._free.put(_network(self.graph))
-        # the first forward of each network times its kernels: do it here, one after the other
-        # (the second finds the first's choices in MegEngine's cache, as the eager path would)
-        nets = [self._free.get() for _ in range(self.workers)]
+        try:
+            nets = self._warm_networks(timed=True)
+        except RuntimeError:
+            # Some ops have only MegEngine's naive kernels (the plain path's dilated convs), which
+            # the timed strategy refuses: such graphs take the kernels by heuristic
+            nets = self._warm_networks(timed=False)
+        for net in nets:
+            self._free.put(net)
+
+    def _warm_networks(self, timed):
+        """The first forward of each network chooses its kernels: done here, one after the other
+        (the second finds the first's timed choices in MegEngine's cache, so all agree)."""
+        nets = [_network(self.graph, timed) for _ in range(self.workers)]
         for net in nets:
             self._forward(net, np.zeros(self.shape, dtype=np.float32))
-            self._free.put(net)
+        return nets
 
     @staticmethod
     def _forward(net, x):
