@@ -11,8 +11,8 @@ CPU device, one worker thread) and on all cores (one GEMM per MegEngine CPU devi
 Cases: "infer plain" is the model as written, one patch per forward; "infer fast" the fast
 layers eagerly through the prediction path (--engine mge); "infer lite" the configuration
 predict/submit/eval use by default on CPU (--engine lite: the dumped graph in one Lite
-network per core); "train step split" the experimental batch split over cpu0/cpu1
-(megfb/split.py). The "glibc malloc defaults" rows repeat two fast cases with glibc's
+network per core); "train step split" the batch split over the CPU devices (megfb/split.py),
+what the trainer does on CPU by default. The "glibc malloc defaults" rows repeat two fast cases with glibc's
 thresholds put back (megfb/__init__.py tunes them at import).
 """
 import collections
@@ -84,32 +84,23 @@ def _predict_fn(model, x, engine):
 
 
 def _split_train_fn(model, noisy, clean, devices):
-    """The experimental split step (megfb/split.py) on a copy of `model` made on devices[0]."""
+    """The split step (megfb/split.py) on a copy of `model` (devices[0]: the default device)."""
     from .losses import supervised_loss
     from .split import SplitStep
 
-    previous = mge.get_default_device()
-    mge.set_default_device(devices[0])
-    try:
-        copy = build_model({"name": "fbrestormer", "fast": True})
-        copy.load_state_dict(model.state_dict())
-        copy.train()
-        step = SplitStep(copy, devices)
-        opt = mge.optimizer.Adam(copy.parameters(), lr=1e-4)
-    finally:
-        mge.set_default_device(previous)
+    copy = build_model({"name": "fbrestormer", "fast": True})
+    copy.load_state_dict(model.state_dict())
+    copy.train()
+    step = SplitStep(copy, devices)
+    opt = mge.optimizer.Adam(copy.parameters(), lr=1e-4)
     noisy, clean = noisy.numpy(), clean.numpy()
     cfg = {"type": "l1", "steps": "all"}
 
     def run():
-        mge.set_default_device(devices[0])
-        try:
-            loss, _ = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, cfg))
-            opt.step().clear_grad()
-            step.sync_weights()
-            return loss.numpy()
-        finally:
-            mge.set_default_device(previous)
+        loss, _ = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, cfg))
+        opt.step().clear_grad()
+        step.sync_weights()
+        return loss.numpy()
 
     return run
 
@@ -297,8 +288,8 @@ def run_bench(repeats=5, quick=False, profile=True):
         row(f"train step {'fast' if fast else 'plain'}", 8,
             measure_case(_train_fn(model, noisy, clean), plain_repeats if not fast else repeats), per="step")
     if workers > 1:
-        devices = [f"cpu{i}" for i in range(workers)]
-        _progress(f"training step, batch 8: fast, split over {', '.join(devices)} (experimental)")
+        devices = [mge.get_default_device()] + [f"cpu{i}" for i in range(1, workers)]
+        _progress(f"training step, batch 8: fast, split over {', '.join(devices)}")
         row(f"train step split x{workers}", 8, measure_case(_split_train_fn(model, noisy, clean, devices), repeats),
             per="step")
 
@@ -382,7 +373,8 @@ def format_table(res):
     lines.append(f"speed-up vs plain: inference as predict/submit run it (lite) x{rat['infer_speedup_b1']} "
                  f"(batch 1), x{rat['infer_speedup_b8']} (batch 8); eager fast x{rat['infer_fast_eager_speedup_b1']}"
                  f" / x{rat['infer_fast_eager_speedup_b8']}; training step x{rat['train_speedup']}"
-                 + (f" (split, experimental: x{rat['train_split_speedup']})" if "train_split_speedup" in rat else ""))
+                 + (f" (split over the cores, the trainer's default: x{rat['train_split_speedup']})"
+                    if "train_split_speedup" in rat else ""))
     lines.append(f"glibc malloc defaults instead of megfb's thresholds: training step x{rat['malloc_train']} "
                  f"the time, lite inference x{rat['malloc_infer']}")
     lines.append("max relative difference to plain: "

@@ -65,10 +65,9 @@ DEFAULTS = {
         "init_strict": True,  # false: load the keys that fit, list the others
         "progressive": None,  # list of {until: iteration, crop: px, batch_size: n}
         "preview_crops": 3,
-        # CPU only, EXPERIMENTAL: the batch split over this many MegEngine CPU devices (one
-        # worker thread each, megfb/split.py); null = one per core. 1 (MegEngine's single CPU
-        # device) stays the default: the split step's gradients are not yet reliable
-        "cpu_devices": 1,
+        # CPU only: the batch split over this many MegEngine CPU devices (one worker thread
+        # each, megfb/split.py); null = one per core, 1 = MegEngine's single CPU device
+        "cpu_devices": None,
     },
 }
 

@@ -3,19 +3,16 @@
 MegEngine's CPU device "cpu0" runs its kernels on one worker thread; "cpu1" is another device
 with its own worker thread. The step keeps a replica of the model on each device and gives
 each a share of the batch. Python only queues kernels (MegEngine dispatches asynchronously),
-so both workers compute at once: forward of every share, then the backward of the summed loss,
-each share's half on its own device. The replicas' gradients are summed on cpu0, the optimizer
+so both workers compute at once: the forward of every share, then one backward over every
+share's loss, each on its own device. The replicas' gradients are summed on cpu0, the optimizer
 updates the cpu0 model, and the new weights are copied to the other replicas before the next
 forward. Each share's loss is weighted by its share of the batch, so the step computes the
 one-device step's gradient and update (every loss of megfb/losses.py is a mean over the batch);
 tests/test_train.py checks that to float rounding.
 
-Nothing is shared between processes (no distributed launcher). EXPERIMENTAL, off by default
-(train.cpu_devices: 1): with MegEngine 1.13, now and then one parameter's gradient comes out
-wrong (garbage or a wrong value, mostly the first conv's weight; seen in roughly 1 of 4
-fresh processes of tests/test_train.py's comparison, also with both replicas on "cpu0" and
-with glibc's default malloc), so the cause is not the cross-device copies, which `wait()`
-orders anyway. Until that is found, the trainer runs one device unless asked.
+Nothing is shared between processes (no distributed launcher). Weights and gradients move
+between devices through host memory (host_copy): MegEngine 1.13's own device-to-device copy
+made one gradient wrong now and then (a source freed while its copy was still queued).
 """
 import copy
 
@@ -25,29 +22,25 @@ from megengine.autodiff import GradManager
 from megengine.core._imperative_rt.common import CompNode
 
 
-def cpu_devices(count):
-    return [f"cpu{i}" for i in range(count)]
-
-
 def wait():
-    """Block until every device's queued kernels are done.
-
-    MegEngine 1.13 copies a tensor from one CPU device to another without waiting for the
-    kernel still writing it (measured: a replica moved to cpu1 right after initialisation
-    computed NaN, a gradient copied from cpu1 arrived as garbage). Every cross-device copy
-    below therefore happens between two waits: the source finished before, the copy after.
-    The interpreter's own sync (mge._full_sync) does not wait for the other devices' workers;
-    CompNode._sync_all does.
-    """
+    """Block until every device's queued kernels are done (the interpreter's own sync,
+    mge._full_sync, does not wait for the other devices' workers; CompNode._sync_all does)."""
     mge._full_sync()
     CompNode._sync_all()
+
+
+def host_copy(tensor, device):
+    """`tensor` on `device`, through host memory: MegEngine's own device-to-device copy (.to())
+    gave wrong values now and then; .numpy() waits for the value and copies it.
+    Only weights and gradients travel this way (~0.4 MB for FBRestormer), never activations."""
+    return mge.tensor(tensor.numpy(), device=device)
 
 
 def move_module(module, device):
     """Every parameter and buffer of `module` onto `device`, in place (the same Parameter objects)."""
     wait()
     for _, tensor in module.named_tensors():
-        tensor._reset(tensor.to(device))
+        tensor._reset(host_copy(tensor, device))
     wait()
     return module
 
@@ -77,7 +70,7 @@ class SplitStep:
         source = list(self.model.named_tensors())
         for replica, device in zip(self.replicas[1:], self.devices[1:]):
             for (_, src), (_, dst) in zip(source, replica.named_tensors()):
-                dst._reset(src.to(device))
+                dst._reset(host_copy(src, device))
         wait()
 
     def train(self, mode=True):
@@ -105,12 +98,12 @@ class SplitStep:
             self.gm.backward(losses)
         wait()
         home = self.devices[0]
-        for replica_params in self.params[1:len(sizes)]:
-            for p0, p in zip(self.params[0], replica_params):
-                if p.grad is not None:
-                    g = p.grad.to(home)
-                    p0.grad = g if p0.grad is None else p0.grad + g
-                p.grad = None
+        copies = [(p0, p, host_copy(p.grad, home)) for replica_params in self.params[1:len(sizes)]
+                  for p0, p in zip(self.params[0], replica_params) if p.grad is not None]
+        wait()
+        for p0, p, g in copies:
+            p0.grad = g if p0.grad is None else p0.grad + g
+            p.grad = None
         total = mge.tensor(sum(float(t.item()) for t in losses), device=home)
         per_step = [mge.tensor(sum(float(s[k].item()) for s in per_steps), device=home)
                     for k in range(len(per_steps[0]))]

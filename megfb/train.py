@@ -208,7 +208,9 @@ def cmd_train(args):
 
 def training_cpu_devices(cfg):
     """The CPU devices a training step is split over (megfb/split.py): train.cpu_devices of
-    them (default 1: no split), null = one per core this process may use."""
+    them, by default (null) one per core this process may use. The first is MegEngine's
+    default device (on CPU "xpux", which runs on cpu0's worker), where the model, optimizer and
+    every other tensor of the run stay; the others are cpu1, cpu2, ..."""
     from .lite import default_workers
 
     count = cfg["train"].get("cpu_devices")
@@ -216,7 +218,7 @@ def training_cpu_devices(cfg):
         count = default_workers()
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise MegfbError(f"config key 'train.cpu_devices' is {count!r}; expected a whole number >= 1 or null")
-    return [f"cpu{i}" for i in range(count)]
+    return [mge.get_default_device()] + [f"cpu{i}" for i in range(1, count)]
 
 
 def train(cfg, gpus=1, restart=False):
@@ -227,16 +229,7 @@ def train(cfg, gpus=1, restart=False):
                  f"each batch split over the MegEngine CPU devices {', '.join(devices)}")
         print(f"device: CPU, {where} (no GPU available: training on CPU in a single process"
               + (f"; --gpus {gpus} ignored)" if gpus > 1 else ")"))
-        if len(devices) == 1:
-            return run_training(cfg, restart)
-        # every tensor of the run on an explicit device: MegEngine refuses ops mixing "cpu0"
-        # with the default "xpux", and the optimizer makes its constants on the default device
-        previous = mge.get_default_device()
-        mge.set_default_device(devices[0])
-        try:
-            return run_training(cfg, restart, devices)
-        finally:
-            mge.set_default_device(previous)
+        return run_training(cfg, restart, devices)
     if gpus == 1:
         print(f"device: GPU, MegEngine device {mge.get_default_device()}")
         return run_training(cfg, restart)
