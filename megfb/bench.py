@@ -1,10 +1,19 @@
 """`megfb bench`: plain vs fast paths, side by side in one process, on the same weights and inputs.
 
 Every figure is the median of several timed repeats after a warm-up. Peak memory is the
-growth of the process's resident high-water mark during one measurement (Linux: the mark is
-reset through /proc/self/clear_refs before each one). Achieved GFLOP/s = the model's FLOPs per
-patch / measured seconds per patch, next to this CPU's float32 matmul rate measured in the
-same run, which is the practical ceiling for these layers.
+growth of the process's resident high-water mark during one measurement, and the mark itself
+(Linux: reset through /proc/self/clear_refs before each one). Cores busy = the process's CPU
+time / wall time over the timed repeats (1.0 = one core kept busy). Achieved GFLOP/s = the
+model's FLOPs per patch (per training step: 3x the forward's, forward + backward) / measured
+seconds, next to this CPU's float32 GEMM rate measured in the same run on one core (MegEngine's
+CPU device, one worker thread) and on all cores (one GEMM per MegEngine CPU device at once).
+
+Cases: "infer plain" is the model as written, one patch per forward; "infer fast" the fast
+layers eagerly through the prediction path (--engine mge); "infer lite" the configuration
+predict/submit/eval use by default on CPU (--engine lite: the dumped graph in one Lite
+network per core); "train step split" the batch split over the CPU devices (megfb/split.py),
+what the trainer does on CPU by default. The "glibc malloc defaults" rows repeat two fast cases with glibc's
+thresholds put back (megfb/__init__.py tunes them at import).
 """
 import collections
 import glob
@@ -21,7 +30,7 @@ import numpy as np
 from megengine.autodiff import GradManager
 from megengine.jit import trace
 
-from . import __version__
+from . import MALLOC_DEFAULT, MALLOC_TUNED, __version__, set_malloc
 from .atomic import atomic_output
 from .errors import MegfbError
 from .costs import graph_costs, measure, sync
@@ -62,14 +71,37 @@ def _inference_fn(model, x):
     return run
 
 
-def _predict_fn(model, x):
-    """The prediction path predict/submit use (megfb.infer: on CPU one patch per forward)."""
+def _predict_fn(model, x, engine):
+    """The prediction path (megfb.infer: on CPU one patch per forward) with the given engine."""
     from .infer import predict_packed
 
     x = x.numpy()
 
     def run():
-        return predict_packed(model, x, progress=False)
+        return predict_packed(model, x, progress=False, engine=engine)
+
+    return run
+
+
+def _split_train_fn(model, noisy, clean, devices, model_cfg):
+    """The split step (megfb/split.py) on a fast copy of `model`, built from `model_cfg`
+    (devices[0]: the default device)."""
+    from .losses import supervised_loss
+    from .split import SplitStep
+
+    copy = build_model(dict(model_cfg, fast=True))
+    copy.load_state_dict(model.state_dict())
+    copy.train()
+    step = SplitStep(copy, devices)
+    opt = mge.optimizer.Adam(copy.parameters(), lr=1e-4)
+    noisy, clean = noisy.numpy(), clean.numpy()
+    cfg = {"type": "l1", "steps": "all"}
+
+    def run():
+        loss, _ = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, cfg))
+        opt.step().clear_grad()
+        step.sync_weights()
+        return loss.numpy()
 
     return run
 
@@ -106,17 +138,47 @@ def _train_fn(model, noisy, clean):
 
 
 def matmul_peak_gflops(n=1536, repeats=5):
-    """Two float32 GEMM rates of this CPU: F.matmul on (n x n)(n x n), and the same-sized product
-    as a 1x1 conv with its kernel chosen by timing (MegEngine's conv GEMM is ~2.5x faster than
-    its MatrixMul here). The higher is the ceiling the report measures against."""
+    """float32 GEMM rates of this CPU: F.matmul on (n x n)(n x n), and the same-sized product as
+    a 1x1 conv with its kernel chosen by timing (MegEngine's conv GEMM is ~2.5x faster than its
+    MatrixMul here), both on one core; and the conv GEMM on all cores: one product per MegEngine
+    CPU device (cpu0, cpu1, ...: a worker thread each), all at once."""
+    from .lite import default_workers
+
     rng = np.random.default_rng(0)
     a = mge.tensor(rng.standard_normal((n, n), dtype=np.float32))
     b = mge.tensor(rng.standard_normal((n, n), dtype=np.float32))
     sec, _ = measure(lambda: F.matmul(a, b).numpy(), repeats)
-    x = mge.tensor(rng.standard_normal((1, n, 1, n), dtype=np.float32))
-    w = mge.tensor(rng.standard_normal((n, n, 1, 1), dtype=np.float32))
+    xw = (rng.standard_normal((1, n, 1, n), dtype=np.float32), rng.standard_normal((n, n, 1, 1), dtype=np.float32))
+    x, w = (mge.tensor(t) for t in xw)
     sec_conv, _ = measure(lambda: conv(x, w, 0, 1, tune=True).numpy(), repeats)
-    return {"matmul": 2 * n ** 3 / sec / 1e9, "conv1x1": 2 * n ** 3 / sec_conv / 1e9}
+    devices = [f"cpu{i}" for i in range(default_workers())]
+    pairs = [tuple(mge.tensor(t, device=d) for t in xw) for d in devices]
+
+    def all_cores():
+        outs = [conv(xd, wd, 0, 1, tune=True) for xd, wd in pairs]
+        return [o.numpy() for o in outs]
+
+    sec_all, _ = measure(all_cores, repeats)
+    return {"matmul": 2 * n ** 3 / sec / 1e9, "conv1x1": 2 * n ** 3 / sec_conv / 1e9,
+            "all_cores": len(devices) * 2 * n ** 3 / sec_all / 1e9, "all_cores_devices": len(devices)}
+
+
+def measure_case(fn, repeats, warmup=1):
+    """measure() plus cores busy (CPU time / wall time over the timed repeats) and the resident
+    high-water mark (MiB) reached during them."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    cpu, wall = time.process_time(), time.perf_counter()
+    sec, peak = measure(fn, repeats, warmup=0)
+    busy = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+    hwm = None
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    return sec, peak, busy, hwm
 
 
 def profile_ops(model, x, top=12):
@@ -150,15 +212,22 @@ def profile_ops(model, x, top=12):
 
 
 def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
+    from .lite import default_workers
+
     rng = np.random.default_rng(0)
     side = 32 if quick else 128  # packed side: 128 = one 256x256 raw patch
     crop = 16 if quick else 64  # packed side of a 128x128 raw training crop
-    # the plain path is the slow reference (~25 s per training step): fewer repeats for it
+    # the plain path is the slow reference (~25-40 s per training step): fewer repeats for it
     plain_repeats = max(1, min(repeats, 2))
+    workers = default_workers()
     results = {"version": __version__, "megengine": mge.__version__, "machine": platform.processor() or platform.machine(),
-               "cores": os.cpu_count(), "quick": quick, "rows": []}
+               "cores": os.cpu_count(), "workers": workers, "quick": quick, "rows": []}
+    try:
+        results["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
 
-    _progress("building the model, counting FLOPs, measuring the matmul peak")
+    _progress("building the model, counting FLOPs, measuring the GEMM peaks")
     model_cfg = dict(model_cfg or {"name": "fbrestormer"})
     results["model"] = model_cfg.get("name", "fbrestormer")
     model = build_model(dict(model_cfg, fast=False))
@@ -169,15 +238,21 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
     peaks = matmul_peak_gflops()
     results["matmul_peak_gflops"] = round(peaks["matmul"], 1)
     results["conv1x1_peak_gflops"] = round(peaks["conv1x1"], 1)
-    results["peak_gflops"] = round(max(peaks.values()), 1)
+    results["peak_gflops"] = round(max(peaks["matmul"], peaks["conv1x1"]), 1)  # one core
+    results["all_core_peak_gflops"] = round(peaks["all_cores"], 1)
     patch_flops = flops * (side / 128) ** 2
+    step_flops = 3 * 8 * flops * (crop / 128) ** 2  # forward + backward (~2x forward), batch 8
 
-    def row(name, batch, sec_per_call, peak, per=None):
-        per_patch = sec_per_call / batch
-        entry = {"case": name, "batch": batch, "sec_per_patch": round(per_patch, 5),
-                 "peak_mib": None if peak is None else round(peak, 1)}
-        if per != "train":
-            entry["gflops"] = round(patch_flops / per_patch / 1e9, 2)
+    def row(name, batch, measured, per="patch"):
+        sec, peak, busy, hwm = measured
+        entry = {"case": name, "batch": batch, "peak_mib": None if peak is None else round(peak, 1),
+                 "rss_mib": None if hwm is None else round(hwm, 1), "cores_busy": round(busy, 2)}
+        if per == "patch":
+            entry["sec_per_patch"] = round(sec / batch, 5)
+            entry["gflops"] = round(patch_flops / (sec / batch) / 1e9, 2)
+        else:
+            entry["sec_per_step"] = round(sec, 4)
+            entry["gflops"] = round(step_flops / sec / 1e9, 2)
         results["rows"].append(entry)
         return entry
 
@@ -187,23 +262,24 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
         # each path's first call gives the output compared below and doubles as its warm-up
         _progress(f"inference, batch {batch}: plain")
         use_path(model, False)
-        plain = _inference_fn(model, x[batch])
+        # one patch per forward, as the prediction path runs on CPU (a whole plain batch of 8
+        # in one forward touched 15 GB)
+        plain = _predict_fn(model, x[batch], "mge")
         outputs["plain", batch] = plain()
-        row("infer plain", batch, *measure(plain, plain_repeats, warmup=0))
-        _progress(f"inference, batch {batch}: fast")
+        row("infer plain", batch, measure_case(plain, plain_repeats if batch == 1 else 1, warmup=0))
         use_path(model, True)
-        fast = _predict_fn(model, x[batch])
-        outputs["fast", batch] = fast()
-        row("infer fast", batch, *measure(fast, repeats, warmup=0))
-        _progress(f"inference, batch {batch}: fast, traced")
-        traced = _traced_fn(model, x[batch])
-        outputs["traced", batch] = traced()
-        row("infer fast+trace", batch, *measure(traced, repeats))
+        for name, fn in (("fast", _predict_fn(model, x[batch], "mge")),
+                         ("lite", _predict_fn(model, x[batch], "lite")),
+                         ("traced", _traced_fn(model, x[batch]))):
+            _progress(f"inference, batch {batch}: {name}")
+            outputs[name, batch] = fn()
+            row({"fast": "infer fast", "lite": f"infer lite x{workers}", "traced": "infer fast+trace"}[name],
+                batch, measure_case(fn, repeats, warmup=0))
 
     ref = np.abs(outputs["plain", 8]).max()
     results["max_rel_diff"] = {
         f"{path}_b{b}": float(np.abs(outputs[path, b] - outputs["plain", b]).max() / ref)
-        for path in ("fast", "traced") for b in (1, 8)
+        for path in ("fast", "lite", "traced") for b in (1, 8)
     }
 
     model.train()
@@ -212,9 +288,22 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
     for fast in (False, True):
         _progress(f"training step, batch 8: {'fast' if fast else 'plain'}")
         use_path(model, fast)
-        sec, peak = measure(_train_fn(model, noisy, clean), plain_repeats if not fast else repeats)
-        results["rows"].append({"case": f"train step {'fast' if fast else 'plain'}", "batch": 8,
-                                "sec_per_step": round(sec, 4), "peak_mib": None if peak is None else round(peak, 1)})
+        row(f"train step {'fast' if fast else 'plain'}", 8,
+            measure_case(_train_fn(model, noisy, clean), plain_repeats if not fast else repeats), per="step")
+    if workers > 1:
+        devices = [mge.get_default_device()] + [f"cpu{i}" for i in range(1, workers)]
+        _progress(f"training step, batch 8: fast, split over {', '.join(devices)}")
+        row(f"train step split x{workers}", 8, measure_case(_split_train_fn(model, noisy, clean, devices, model_cfg), repeats),
+            per="step")
+
+    _progress("fast cases again with glibc's malloc thresholds")
+    set_malloc(MALLOC_DEFAULT)
+    try:
+        row("train fast, malloc dflt", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
+        model.eval()
+        row(f"lite x{workers}, malloc dflt", 8, measure_case(_predict_fn(model, x[8], "lite"), repeats))
+    finally:
+        set_malloc(MALLOC_TUNED)
     model.eval()
 
     _progress("PMRID-style baseline")
@@ -222,9 +311,9 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
     pmrid.eval()
     pmrid_flops = model_flops(pmrid, (1, 4, 128, 128)) * (side / 128) ** 2
     for batch in (1, 8):
-        sec, peak = measure(_inference_fn(pmrid, x[batch]), repeats)
-        e = row("pmrid infer", batch, sec, peak)
-        e["gflops"] = round(pmrid_flops / (sec / batch) / 1e9, 2)
+        measured = measure_case(_inference_fn(pmrid, x[batch]), repeats)
+        e = row("pmrid infer", batch, measured)
+        e["gflops"] = round(pmrid_flops / (measured[0] / batch) / 1e9, 2)
 
     if profile:
         _progress("operator profiles")
@@ -232,7 +321,7 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
         results["profile_fast"] = profile_ops(model, x[1])
         use_path(model, False)
         results["profile_plain"] = profile_ops(model, x[1])
-    results["ratios"] = _ratios(results["rows"])
+    results["ratios"] = _ratios(results["rows"], workers)
     return results
 
 
@@ -243,33 +332,54 @@ def model_flops(model, shape):
         return graph_costs(export_graph_bytes(model, shape))["flops"]
 
 
-def _ratios(rows):
+def _ratios(rows, workers):
+    """x faster than the plain path: inference in the predict/submit configuration (lite) and
+    eager (fast), the training step (fast; split), and what the malloc tuning buys."""
     by = {(r["case"], r["batch"]): r for r in rows}
     out = {}
     for b in (1, 8):
         plain = by[("infer plain", b)]["sec_per_patch"]
-        best = min(by[("infer fast", b)]["sec_per_patch"], by[("infer fast+trace", b)]["sec_per_patch"])
-        out[f"infer_speedup_b{b}"] = round(plain / best, 2)
-    out["train_speedup"] = round(by[("train step plain", 8)]["sec_per_step"] / by[("train step fast", 8)]["sec_per_step"], 2)
+        out[f"infer_speedup_b{b}"] = round(plain / by[(f"infer lite x{workers}", b)]["sec_per_patch"], 2)
+        out[f"infer_fast_eager_speedup_b{b}"] = round(plain / by[("infer fast", b)]["sec_per_patch"], 2)
+    plain = by[("train step plain", 8)]["sec_per_step"]
+    out["train_speedup"] = round(plain / by[("train step fast", 8)]["sec_per_step"], 2)
+    if (f"train step split x{workers}", 8) in by:
+        out["train_split_speedup"] = round(plain / by[(f"train step split x{workers}", 8)]["sec_per_step"], 2)
+    out["malloc_train"] = round(by[("train fast, malloc dflt", 8)]["sec_per_step"]
+                                / by[("train step fast", 8)]["sec_per_step"], 2)
+    out["malloc_infer"] = round(by[(f"lite x{workers}, malloc dflt", 8)]["sec_per_patch"]
+                                / by[(f"infer lite x{workers}", 8)]["sec_per_patch"], 2)
     return out
 
 
 def format_table(res):
+    load = res.get("load_average")
     lines = [f"megfb bench {res.get('model', 'fbrestormer')}  (MegEngine {res['megengine']}, {res['cores']} cores"
              f"{', quick sizes' if res['quick'] else ''}; {res['params']:,} params, "
-             f"{res['flops_per_patch'] / 1e9:.2f} GFLOPs per 256x256 patch)",
-             f"{'case':<20}{'batch':>6}{'s/patch':>10}{'s/step':>9}{'GFLOP/s':>9}{'peak MiB':>10}"]
+             f"{res['flops_per_patch'] / 1e9:.2f} GFLOPs per 256x256 patch"
+             + (f"; load average at start {load[0]}" if load else "") + ")",
+             f"{'case':<24}{'batch':>6}{'s/patch':>10}{'s/step':>9}{'GFLOP/s':>9}{'% 1core':>8}"
+             f"{'% all':>7}{'cores':>7}{'peak MiB':>10}{'RSS MiB':>9}"]
+    one, every = res["peak_gflops"], res["all_core_peak_gflops"]
     for r in res["rows"]:
-        lines.append(f"{r['case']:<20}{r['batch']:>6}"
+        g = r.get("gflops")
+        lines.append(f"{r['case']:<24}{r['batch']:>6}"
                      f"{r.get('sec_per_patch', ''):>10}{r.get('sec_per_step', ''):>9}"
-                     f"{r.get('gflops', ''):>9}{'' if r['peak_mib'] is None else r['peak_mib']:>10}")
-    lines.append(f"float32 GEMM peak (1536^3): {res['peak_gflops']} GFLOP/s "
-                 f"(F.matmul {res['matmul_peak_gflops']}, as a 1x1 conv {res['conv1x1_peak_gflops']})")
+                     f"{'' if g is None else g:>9}{'' if g is None else f'{g / one:.0%}':>8}"
+                     f"{'' if g is None else f'{g / every:.0%}':>7}{r['cores_busy']:>7}"
+                     f"{'' if r['peak_mib'] is None else r['peak_mib']:>10}"
+                     f"{'' if r.get('rss_mib') is None else r['rss_mib']:>9}")
+    lines.append(f"float32 GEMM peak (1536^3): one core {one} GFLOP/s (F.matmul {res['matmul_peak_gflops']}, "
+                 f"as a 1x1 conv {res['conv1x1_peak_gflops']}); all cores {every} GFLOP/s "
+                 f"({res['workers']} MegEngine CPU devices at once)")
     rat = res["ratios"]
-    best_gflops = max(r.get("gflops", 0) for r in res["rows"] if r["case"].startswith("infer fast"))
-    lines.append(f"speed-up fast vs plain: inference x{rat['infer_speedup_b1']} (batch 1), "
-                 f"x{rat['infer_speedup_b8']} (batch 8); training step x{rat['train_speedup']}")
-    lines.append(f"best inference rate: {best_gflops} GFLOP/s = {best_gflops / res['peak_gflops']:.0%} of the GEMM peak")
+    lines.append(f"speed-up vs plain: inference as predict/submit run it (lite) x{rat['infer_speedup_b1']} "
+                 f"(batch 1), x{rat['infer_speedup_b8']} (batch 8); eager fast x{rat['infer_fast_eager_speedup_b1']}"
+                 f" / x{rat['infer_fast_eager_speedup_b8']}; training step x{rat['train_speedup']}"
+                 + (f" (split over the cores, the trainer's default: x{rat['train_split_speedup']})"
+                    if "train_split_speedup" in rat else ""))
+    lines.append(f"glibc malloc defaults instead of megfb's thresholds: training step x{rat['malloc_train']} "
+                 f"the time, lite inference x{rat['malloc_infer']}")
     lines.append("max relative difference to plain: "
                  + ", ".join(f"{k} {v:.1e}" for k, v in res["max_rel_diff"].items()))
     for key in ("profile_fast", "profile_plain"):

@@ -70,6 +70,9 @@ DEFAULTS = {
         "init_strict": True,  # false: load the keys that fit, list the others
         "progressive": None,  # list of {until: iteration, crop: px, batch_size: n}
         "preview_crops": 3,
+        # CPU only: the batch split over this many MegEngine CPU devices (one worker thread
+        # each, megfb/split.py); null = one per core, 1 = MegEngine's single CPU device
+        "cpu_devices": None,
     },
 }
 
@@ -234,6 +237,7 @@ RULES = {
     "train.init_strict": boolean,
     "train.progressive": _progressive,
     "train.preview_crops": integer(0, 64),
+    "train.cpu_devices": integer(1, 64, none=True),
 }
 
 

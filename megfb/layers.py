@@ -270,7 +270,7 @@ class MDTA(M.Module):
         q, k = (t.reshape(b, heads, c // heads, h * w) for t in (q, k))
         scale = self.temperature / F.matmul(ops.l2_norms(q, 3), ops.l2_norms(k, 3), transpose_b=True)
         attn = F.softmax(F.matmul(q, k, transpose_b=True) * scale, axis=-1)
-        blocks = attn.reshape(b, heads, c // heads, 1, c // heads) * ops.head_mask(heads)
+        blocks = attn.reshape(b, heads, c // heads, 1, c // heads) * ops.head_mask(heads, attn.device)
         return F.matmul(self.project_out.weight.reshape(c, c), blocks.reshape(b, c, c)), v
 
 

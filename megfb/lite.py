@@ -51,7 +51,7 @@ def model_fingerprint(model):
     return digest.hexdigest()
 
 
-def _network(graph, threads=1, optimized=True):
+def _network(graph, timed=True, threads=1):
     import megenginelite as lite
 
     config = lite.LiteConfig()
@@ -64,10 +64,8 @@ def _network(graph, threads=1, optimized=True):
     net.threads_number = threads
     strategy = lite.LiteAlgoSelectStrategy
     # The eager fast path's choice too (megfb/ops.py TIMED): time the optimised kernels only.
-    # Some ops of the plain definitions have none (only MegEngine's naive kernel): such a
-    # graph is loaded again without the restriction (LiteRunner).
-    policy = strategy.LITE_ALGO_PROFILE | (strategy.LITE_ALGO_OPTIMIZED if optimized else 0)
-    net.set_network_algo_policy(policy)
+    net.set_network_algo_policy(strategy.LITE_ALGO_PROFILE | strategy.LITE_ALGO_OPTIMIZED if timed
+                                else strategy.LITE_ALGO_HEURISTIC)
     net.load(io.BufferedReader(io.BytesIO(graph)))
     return net
 
@@ -82,17 +80,18 @@ class LiteRunner:
         self.workers = default_workers() if workers is None else int(workers)
         self._free = queue.Queue()
         try:
-            nets = self._warm(optimized=True)
-        except RuntimeError:  # an op with no optimised kernel (e.g. in a plain definition)
-            nets = self._warm(optimized=False)
+            nets = self._warm_networks(timed=True)
+        except RuntimeError:
+            # Some ops have only MegEngine's naive kernels (the plain path's dilated convs), which
+            # the timed strategy refuses: such graphs take the kernels by heuristic
+            nets = self._warm_networks(timed=False)
         for net in nets:
             self._free.put(net)
 
-    def _warm(self, optimized):
-        """The networks, each after its first forward, which times its kernels: done here, one
-        after the other (the second finds the first's choices in MegEngine's cache, as the
-        eager path would)."""
-        nets = [_network(self.graph, optimized=optimized) for _ in range(self.workers)]
+    def _warm_networks(self, timed):
+        """The first forward of each network chooses its kernels: done here, one after the other
+        (the second finds the first's timed choices in MegEngine's cache, so all agree)."""
+        nets = [_network(self.graph, timed) for _ in range(self.workers)]
         for net in nets:
             self._forward(net, np.zeros(self.shape, dtype=np.float32))
         return nets

@@ -18,6 +18,7 @@ import megengine as mge
 import megengine.functional as F
 import numpy as np
 from megengine.autodiff import Function
+from megengine.core._imperative_rt.common import CompNode
 from megengine.core._imperative_rt.core2 import apply
 from megengine.core.ops import builtin
 
@@ -50,14 +51,17 @@ def conv(x, w, padding, groups, tune=False):
 _CONSTANTS = {}
 
 
-def constant(key, make):
-    """A constant Tensor, made once per process. The modules that use one ask for it when they
-    are built: a Tensor created inside a traced function has no data in a record-only trace
-    (`megfb params`/`submit` export that way), one made before is captured like a parameter.
-    Kept out of the modules themselves, where it would join the state dict."""
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = mge.tensor(make())
-    return _CONSTANTS[key]
+def constant(key, make, device=None):
+    """A constant Tensor, made once per process and device (None: the default device; a model
+    replica on another CPU device, megfb/split.py, gets its own). The modules that use one ask
+    for it when they are built: a Tensor created inside a traced function has no data in a
+    record-only trace (`megfb params`/`submit` export that way), one made before is captured
+    like a parameter. Kept out of the modules themselves, where it would join the state dict."""
+    device = mge.get_default_device() if device is None else device
+    device = str(CompNode(device) if isinstance(device, str) else device)  # "xpux" -> "xpux:0"
+    if (key, device) not in _CONSTANTS:
+        _CONSTANTS[key, device] = mge.tensor(make(), device=device)
+    return _CONSTANTS[key, device]
 
 
 def elemwise(mode, *inputs):
@@ -167,7 +171,7 @@ def space_to_phases(x, d, by_conv=False):
     b, c, h, w = x.shape
     if by_conv:
         op = builtin.Convolution(stride_h=d, stride_w=d, sparse="group", strategy=TIMED)
-        return apply(op, x, phase_picker(c, d))[0].reshape(b, c, h * d, w // d)
+        return apply(op, x, phase_picker(c, d, x.device))[0].reshape(b, c, h * d, w // d)
     x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c, h * d, w // d)
 
@@ -179,16 +183,16 @@ def phases_to_space(x, d, by_conv=False):
     if by_conv:
         op = builtin.ConvolutionBackwardData(stride_h=d, stride_w=d, sparse="group",
                                              strategy=TIMED)
-        return apply(op, phase_picker(c, d), x.reshape(b, c * d * d, h, w))[0]
+        return apply(op, phase_picker(c, d, x.device), x.reshape(b, c * d * d, h, w))[0]
     x = x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c, h * d, w * d)
 
 
-def phase_picker(c, d):
+def phase_picker(c, d, device=None):
     """Group conv weight (c, d*d, 1, d, d): output k = i*d + j of each group picks pixel (i, j)."""
     pick = np.eye(d * d, dtype=np.float32).reshape(1, d * d, 1, d, d)
     return constant(("phase_picker", int(c), int(d)),
-                    lambda: np.ascontiguousarray(np.broadcast_to(pick, (c, d * d, 1, d, d))))
+                    lambda: np.ascontiguousarray(np.broadcast_to(pick, (c, d * d, 1, d, d))), device)
 
 
 def depthwise_on_phases(x, weight, bias, d, tune=False):
@@ -324,10 +328,10 @@ def fast_gelu(x):
 # ------------------------------------------------------------------------------- attention
 
 
-def head_mask(heads):
+def head_mask(heads, device=None):
     """(1, heads, 1, heads, 1) identity: keeps head i's block on the diagonal of a (c x c) map."""
     return constant(("head_mask", int(heads)),
-                    lambda: np.eye(heads, dtype=np.float32).reshape(1, heads, 1, heads, 1))
+                    lambda: np.eye(heads, dtype=np.float32).reshape(1, heads, 1, heads, 1), device)
 
 
 def l2_norms(t, axis):

@@ -37,7 +37,7 @@ PREVIEW_SIZE = 64  # packed pixels per side of a preview crop (a 128x128 mosaic 
 # the run, logging/validation/checkpoint cadence, loader processes, preview count). Any other
 # difference makes it another experiment: refused, naming --restart and name=.
 SAFE_ON_RESUME = ("out_dir", "train.iterations", "train.val_every", "train.log_every", "train.ckpt_every",
-                  "train.preview_crops", "data.workers")
+                  "train.preview_crops", "train.cpu_devices", "data.workers")
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -306,12 +306,30 @@ def cmd_train(args):
     train(cfg, gpus=args.gpus, restart=args.restart)
 
 
+def training_cpu_devices(cfg):
+    """The CPU devices a training step is split over (megfb/split.py): train.cpu_devices of
+    them, by default (null) one per core this process may use. The first is MegEngine's
+    default device (on CPU "xpux", which runs on cpu0's worker), where the model, optimizer and
+    every other tensor of the run stay; the others are cpu1, cpu2, ..."""
+    from .lite import default_workers
+
+    count = cfg["train"].get("cpu_devices")
+    if count is None:
+        count = default_workers()
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise MegfbError(f"config key 'train.cpu_devices' is {count!r}; expected a whole number >= 1 or null")
+    return [mge.get_default_device()] + [f"cpu{i}" for i in range(1, count)]
+
+
 def train(cfg, gpus=1, restart=False):
     """Train from a resolved config; returns a summary dict (best/identity score, paths)."""
     if not mge.is_cuda_available():
-        print(f"device: CPU, MegEngine device {mge.get_default_device()} (no GPU available: "
-              "training on CPU in a single process" + (f"; --gpus {gpus} ignored)" if gpus > 1 else ")"))
-        return run_training(cfg, restart)
+        devices = training_cpu_devices(cfg)
+        where = (f"MegEngine device {mge.get_default_device()}" if len(devices) == 1 else
+                 f"each batch split over the MegEngine CPU devices {', '.join(devices)}")
+        print(f"device: CPU, {where} (no GPU available: training on CPU in a single process"
+              + (f"; --gpus {gpus} ignored)" if gpus > 1 else ")"))
+        return run_training(cfg, restart, devices)
     if gpus == 1:
         print(f"device: GPU, MegEngine device {mge.get_default_device()}")
         return run_training(cfg, restart)
@@ -326,17 +344,17 @@ def train(cfg, gpus=1, restart=False):
     return dist.launcher(run_training, n_gpus=gpus)(cfg, restart)[0]
 
 
-def run_training(cfg, restart=False):
+def run_training(cfg, restart=False, cpu_devices=None):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_distributed() else (0, 1)
     main = rank == 0
     lock = RunLock(os.path.join(cfg["out_dir"], cfg["name"]))
     try:
-        return _run_training(cfg, restart, rank, world, main, lock)
+        return _run_training(cfg, restart, rank, world, main, lock, cpu_devices)
     finally:
         lock.release()
 
 
-def _run_training(cfg, restart, rank, world, main, lock):
+def _run_training(cfg, restart, rank, world, main, lock, cpu_devices=None):
     t_start = time.time()
     run_dir = os.path.join(cfg["out_dir"], cfg["name"])
     latest_path, best_path = os.path.join(run_dir, "latest.mge"), os.path.join(run_dir, "best.mge")
@@ -412,6 +430,13 @@ def _run_training(cfg, restart, rank, world, main, lock):
     if resume is not None and it > iterations:
         raise MegfbError(f"{latest_path} is at iteration {it}, past train.iterations={iterations}; "
                          "raise train.iterations or rerun with --restart")
+
+    split_step = None
+    if cpu_devices is not None and len(cpu_devices) > 1:
+        from .split import SplitStep
+
+        split_step = SplitStep(model, cpu_devices)  # after the weights are loaded: replicas copy them
+        gm = split_step.gm
 
     records = []
     if main:
@@ -512,10 +537,13 @@ def _run_training(cfg, restart, rank, world, main, lock):
                     group["lr"] = lr
 
                 stop.in_step = True
-                with gm:
-                    outputs = model(mge.tensor(noisy_b))
-                    loss, per_step = supervised_loss(outputs, mge.tensor(clean_b), loss_cfg)
-                    gm.backward(loss)
+                if split_step is not None:
+                    loss, per_step = split_step(noisy_b, clean_b, lambda out, gt: supervised_loss(out, gt, loss_cfg))
+                else:
+                    with gm:
+                        outputs = model(mge.tensor(noisy_b))
+                        loss, per_step = supervised_loss(outputs, mge.tensor(clean_b), loss_cfg)
+                        gm.backward(loss)
                 loss_value = float(loss.item())
                 if not math.isfinite(loss_value):
                     opt.clear_grad()
@@ -527,6 +555,8 @@ def _run_training(cfg, restart, rank, world, main, lock):
                     clip_grad_norm(model.parameters(), float(grad_clip))
                 opt.step()
                 opt.clear_grad()
+                if split_step is not None:
+                    split_step.sync_weights()
                 it += 1
                 if ema_on:
                     update_ema(ema, model.state_dict(), ema_decay_at(float(tcfg["ema_decay"]), it - 1))

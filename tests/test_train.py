@@ -226,7 +226,8 @@ def test_unknown_config_key_and_missing_data(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    config = tiny_config(tmp_path, iterations=12, val_every=100, ckpt_every=4)
+    # one device: the split step (the CPU default) calls the loss once per share
+    config = tiny_config(tmp_path, iterations=12, val_every=100, ckpt_every=4, cpu_devices=1)
     calls = {"n": 0}
     real = trainer.supervised_loss
 
@@ -266,7 +267,7 @@ def test_init_from_first_forward_equals_the_loaded_model(tmp_path, monkeypatch, 
     from megfb.model import build_model
 
     path, state = _reference_state(tmp_path)
-    config = tiny_config(tmp_path, iterations=2, val_every=2)
+    config = tiny_config(tmp_path, iterations=2, val_every=2, cpu_devices=1)  # sees whole batches
     seen = {}
     real_loss, real_batches = trainer.supervised_loss, trainer.train_batches
 
@@ -324,3 +325,68 @@ def test_init_from_strict_and_lenient(tmp_path, capsys):
     with pytest.raises(MegfbError, match="not the train.init_from_sha256 ffff"):
         trainer.train(load_config(config, [f"train.init_from={path}", f"train.init_from_sha256={'f' * 64}",
                                            "train.init_strict=false", "name=hash"]))
+
+
+@pytest.mark.parametrize("batch", [4, 3])
+def test_split_step_equals_the_one_device_step(batch):
+    """The batch split over cpu0/cpu1 (megfb/split.py) gives the one-device step's loss,
+    gradients and update, and the replica follows the updated weights. (The update is checked
+    with SGD: Adam's first step is lr * sign(g), which turns float-rounding noise in a gradient
+    that is ~0 into a full step either way, on one device as well.)"""
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb.losses import supervised_loss
+    from megfb.model import build_model
+    from megfb.split import SplitStep, shares
+
+    assert shares(3, 2) == [2, 1] and shares(8, 2) == [4, 4] and shares(1, 2) == [1, 0]
+    rng = np.random.default_rng(batch)
+    noisy = rng.random((batch, 4, 16, 16), dtype=np.float32) * 0.5 + 0.1
+    clean = rng.random((batch, 4, 16, 16), dtype=np.float32) * 0.5 + 0.1
+    loss_cfg = {"type": "weighted_l1", "steps": "all"}
+    home = mge.get_default_device()  # the trainer's first device: "xpux", cpu0's worker
+    results = {}
+    for how in ("one", "split"):
+        mge.random.seed(0)
+        model = build_model(TINY_MODEL)
+        model.train()
+        opt = mge.optimizer.SGD(model.parameters(), lr=0.1)
+        if how == "split":
+            step = SplitStep(model, [home, "cpu1"])
+            loss, per_step = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, loss_cfg))
+        else:
+            gm = GradManager().attach(model.parameters())
+            with gm:
+                loss, per_step = supervised_loss(model(mge.tensor(noisy)), mge.tensor(clean), loss_cfg)
+                gm.backward(loss)
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        opt.step().clear_grad()
+        if how == "split":
+            step.sync_weights()
+            replica = step.replicas[1]
+            assert all(str(p.device).startswith("cpu1") for p in replica.parameters())
+            for a, b in zip(model.parameters(), replica.parameters()):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+        results[how] = (float(loss.item()), [float(s.item()) for s in per_step], grads,
+                        [p.numpy().copy() for p in model.parameters()])
+    one, split = results["one"], results["split"]
+    assert split[0] == pytest.approx(one[0], rel=1e-5)
+    assert split[1] == pytest.approx(one[1], rel=1e-5)
+    for a, b in zip(one[2], split[2]):  # each gradient to 1e-5 of its largest element
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max() + 1e-12)
+    for a, b in zip(one[3], split[3]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_training_cpu_devices():
+    from megfb.config import DEFAULTS
+    from megfb.lite import default_workers
+    from megfb.train import training_cpu_devices
+
+    assert len(training_cpu_devices(DEFAULTS)) == default_workers()
+    assert training_cpu_devices({"train": {"cpu_devices": 1}}) == ["xpux"]
+    assert training_cpu_devices({"train": {"cpu_devices": 2}}) == ["xpux", "cpu1"]
+    for bad in (0, "two", 1.5, True):
+        with pytest.raises(MegfbError, match="train.cpu_devices"):
+            training_cpu_devices({"train": {"cpu_devices": bad}})
