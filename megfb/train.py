@@ -306,18 +306,28 @@ def cmd_train(args):
     train(cfg, gpus=args.gpus, restart=args.restart)
 
 
+# Architectures whose every constant is made per device (megfb/ops.py constant(..., device)),
+# so that a replica on another CPU device can run them; the others train on one device.
+SPLIT_READY = ("fbrestormer",)
+
+
 def training_cpu_devices(cfg):
     """The CPU devices a training step is split over (megfb/split.py): train.cpu_devices of
-    them, by default (null) one per core this process may use. The first is MegEngine's
+    them, by default (null) one per core this process may use (one for architectures not in
+    SPLIT_READY). The first is MegEngine's
     default device (on CPU "xpux", which runs on cpu0's worker), where the model, optimizer and
     every other tensor of the run stay; the others are cpu1, cpu2, ..."""
     from .lite import default_workers
 
     count = cfg["train"].get("cpu_devices")
+    name = cfg["model"].get("name", "fbrestormer")
     if count is None:
-        count = default_workers()
+        count = default_workers() if name in SPLIT_READY else 1
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise MegfbError(f"config key 'train.cpu_devices' is {count!r}; expected a whole number >= 1 or null")
+    if count > 1 and name not in SPLIT_READY:
+        raise MegfbError(f"config key 'train.cpu_devices' is {count}, but model '{name}' trains on one "
+                         f"device only (split over devices: {', '.join(SPLIT_READY)}); set it to 1 or null")
     return [mge.get_default_device()] + [f"cpu{i}" for i in range(1, count)]
 
 

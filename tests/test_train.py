@@ -385,8 +385,14 @@ def test_training_cpu_devices():
     from megfb.train import training_cpu_devices
 
     assert len(training_cpu_devices(DEFAULTS)) == default_workers()
-    assert training_cpu_devices({"train": {"cpu_devices": 1}}) == ["xpux"]
-    assert training_cpu_devices({"train": {"cpu_devices": 2}}) == ["xpux", "cpu1"]
+    fb = {"name": "fbrestormer"}
+    assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 1}}) == ["xpux"]
+    assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 2}}) == ["xpux", "cpu1"]
     for bad in (0, "two", 1.5, True):
         with pytest.raises(MegfbError, match="train.cpu_devices"):
-            training_cpu_devices({"train": {"cpu_devices": bad}})
+            training_cpu_devices({"model": fb, "train": {"cpu_devices": bad}})
+    # architectures whose constants live on the default device only train on one device
+    other = {"name": "feedback_model"}
+    assert training_cpu_devices({"model": other, "train": {"cpu_devices": None}}) == ["xpux"]
+    with pytest.raises(MegfbError, match="trains on one device only"):
+        training_cpu_devices({"model": other, "train": {"cpu_devices": 2}})
