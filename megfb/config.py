@@ -71,8 +71,10 @@ DEFAULTS = {
         "progressive": None,  # list of {until: iteration, crop: px, batch_size: n}
         "preview_crops": 3,
         # CPU only: the batch split over this many MegEngine CPU devices (one worker thread
-        # each, megfb/split.py); null = one per core, 1 = MegEngine's single CPU device
-        "cpu_devices": None,
+        # each, megfb/split.py); null = one per core, 1 = MegEngine's single CPU device.
+        # EXPERIMENTAL, off by default: a resumed split run was once not bit-identical to an
+        # uninterrupted one (a MegEngine cross-device race suspected), so 1 until explained.
+        "cpu_devices": 1,
     },
 }
 

@@ -384,7 +384,8 @@ def test_training_cpu_devices():
     from megfb.lite import default_workers
     from megfb.train import training_cpu_devices
 
-    assert len(training_cpu_devices(DEFAULTS)) == default_workers()
+    assert training_cpu_devices(DEFAULTS) == ["xpux"]  # one device unless asked (experimental split)
+    assert len(training_cpu_devices({"model": {"name": "fbrestormer"}, "train": {"cpu_devices": None}})) == default_workers()
     fb = {"name": "fbrestormer"}
     assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 1}}) == ["xpux"]
     assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 2}}) == ["xpux", "cpu1"]
