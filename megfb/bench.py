@@ -376,7 +376,7 @@ def format_table(res):
     lines.append(f"speed-up vs plain: inference as predict/submit run it (lite) x{rat['infer_speedup_b1']} "
                  f"(batch 1), x{rat['infer_speedup_b8']} (batch 8); eager fast x{rat['infer_fast_eager_speedup_b1']}"
                  f" / x{rat['infer_fast_eager_speedup_b8']}; training step x{rat['train_speedup']}"
-                 + (f" (split over the cores, the trainer's default: x{rat['train_split_speedup']})"
+                 + (f" (split over the cores, experimental: x{rat['train_split_speedup']})"
                     if "train_split_speedup" in rat else ""))
     lines.append(f"glibc malloc defaults instead of megfb's thresholds: training step x{rat['malloc_train']} "
                  f"the time, lite inference x{rat['malloc_infer']}")
