@@ -1,19 +1,13 @@
 """params: the parameter table and limit, the MAC count against a hand formula, graph costs."""
 import megengine.functional as F
 import megengine.module as M
-import yaml
 
 from megfb.cli import main
 from megfb.costs import constant_buffers, graph_costs, model_report, module_stats_conv_macs, parameter_table
 from megfb.graph import export_graph_bytes
 from megfb.model import build_model, count_parameters
 
-TINY = {"name": "fbrestormer", "num_feats": 8, "heads": 2, "num_blocks": 3, "num_steps": 2}
-
-
-def write_config(path, model_cfg, **extra):
-    path.write_text(yaml.safe_dump({"model": model_cfg, **extra}))
-    return str(path)
+from helpers import TINY, write_config  # noqa: E402
 
 
 def test_params_over_limit_message(tmp_path, capsys):

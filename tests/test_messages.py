@@ -17,7 +17,7 @@ from megfb.errors import MegfbError
 from megfb.model import build_model
 from test_train import tiny_config
 
-TINY = {"name": "fbrestormer", "num_feats": 8, "heads": 2, "num_blocks": 3, "num_steps": 2}
+from helpers import TINY  # noqa: E402
 
 
 def _err(capsys):

@@ -14,7 +14,7 @@ from megfb.errors import MegfbError
 from megfb.io import write_bin
 from megfb.model import build_model
 
-TINY = {"name": "fbrestormer", "num_feats": 8, "heads": 2, "num_blocks": 3, "num_steps": 2}
+from helpers import TINY  # noqa: E402
 
 
 @pytest.fixture
