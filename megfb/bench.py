@@ -12,8 +12,10 @@ Cases: "infer plain" is the model as written, one patch per forward; "infer fast
 layers eagerly through the prediction path (--engine mge); "infer lite" the configuration
 predict/submit/eval use by default on CPU (--engine lite: the dumped graph in one Lite
 network per core); "train step split" the batch split over the CPU devices (megfb/split.py),
-what the trainer does on CPU by default. The "glibc malloc defaults" rows repeat two fast cases with glibc's
-thresholds put back (megfb/__init__.py tunes them at import).
+experimental and off by default in the trainer. "train fast, no native" repeats the fast training
+step with the depthwise convs' weight gradients by MegEngine's kernels instead of megfb's own
+operator (megfb/native.py); "malloc dflt" repeats Lite inference with glibc's thresholds put
+back (megfb/__init__.py tunes them at import).
 """
 import collections
 import glob
@@ -37,7 +39,8 @@ from .costs import graph_costs, measure, sync
 from .graph import export_graph_bytes
 from .layers import fast_paths_restored, set_fast
 from .model import build_model, count_parameters
-from .ops import conv
+from . import native
+from .ops import conv, use_native
 
 
 def use_path(model, fast):
@@ -228,6 +231,7 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
         pass
 
     _progress("building the model, counting FLOPs, measuring the GEMM peaks")
+    results["native"] = "on" if native.load() else f"off ({native.reason()})"
     model_cfg = dict(model_cfg or {"name": "fbrestormer"})
     results["model"] = model_cfg.get("name", "fbrestormer")
     model = build_model(dict(model_cfg, fast=False))
@@ -296,10 +300,17 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
         row(f"train step split x{workers}", 8, measure_case(_split_train_fn(model, noisy, clean, devices, model_cfg), repeats),
             per="step")
 
-    _progress("fast cases again with glibc's malloc thresholds")
+    if results["native"] == "on":
+        _progress("training step, batch 8: fast, depthwise weight gradients by MegEngine's kernels")
+        previous = use_native(False)
+        try:
+            row("train fast, no native", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
+        finally:
+            use_native(previous)
+
+    _progress("Lite inference again with glibc's malloc thresholds")
     set_malloc(MALLOC_DEFAULT)
     try:
-        row("train fast, malloc dflt", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
         model.eval()
         row(f"lite x{workers}, malloc dflt", 8, measure_case(_predict_fn(model, x[8], "lite"), repeats))
     finally:
@@ -345,8 +356,9 @@ def _ratios(rows, workers):
     out["train_speedup"] = round(plain / by[("train step fast", 8)]["sec_per_step"], 2)
     if (f"train step split x{workers}", 8) in by:
         out["train_split_speedup"] = round(plain / by[(f"train step split x{workers}", 8)]["sec_per_step"], 2)
-    out["malloc_train"] = round(by[("train fast, malloc dflt", 8)]["sec_per_step"]
-                                / by[("train step fast", 8)]["sec_per_step"], 2)
+    if ("train fast, no native", 8) in by:
+        out["native_train"] = round(by[("train fast, no native", 8)]["sec_per_step"]
+                                    / by[("train step fast", 8)]["sec_per_step"], 2)
     out["malloc_infer"] = round(by[(f"lite x{workers}, malloc dflt", 8)]["sec_per_patch"]
                                 / by[(f"infer lite x{workers}", 8)]["sec_per_patch"], 2)
     return out
@@ -378,8 +390,9 @@ def format_table(res):
                  f" / x{rat['infer_fast_eager_speedup_b8']}; training step x{rat['train_speedup']}"
                  + (f" (split over the cores, experimental: x{rat['train_split_speedup']})"
                     if "train_split_speedup" in rat else ""))
-    lines.append(f"glibc malloc defaults instead of megfb's thresholds: training step x{rat['malloc_train']} "
-                 f"the time, lite inference x{rat['malloc_infer']}")
+    lines.append(f"megfb's native operator (depthwise weight gradients): {res.get('native', 'on')}"
+                 + (f"; training step without it x{rat['native_train']} the time" if "native_train" in rat else ""))
+    lines.append(f"glibc malloc defaults instead of megfb's thresholds: lite inference x{rat['malloc_infer']} the time")
     lines.append("max relative difference to plain: "
                  + ", ".join(f"{k} {v:.1e}" for k, v in res["max_rel_diff"].items()))
     for key in ("profile_fast", "profile_plain"):

@@ -22,6 +22,8 @@ from megengine.core._imperative_rt.common import CompNode
 from megengine.core._imperative_rt.core2 import apply
 from megengine.core.ops import builtin
 
+from . import native
+
 # Kernel choice by timing, among MegEngine's optimised kernels only: on a new shape the timing
 # takes 0.1-1.3 s per conv instead of 0.3-14 s for plain PROFILE (which also times the naive
 # kernels; 69 s for a first FBRestormer forward), and the chosen kernels run as fast.
@@ -75,6 +77,21 @@ def reduce(mode, x, axis):
 # ------------------------------------------------------------------------------------ convs
 
 
+_NATIVE = {"on": True}
+
+
+def use_native(enabled):
+    """Turn megfb's own CPU operators (megfb/native.py) on or off; returns the previous setting.
+    Off, every op is MegEngine's (the fallback the native ones are tested against)."""
+    previous, _NATIVE["on"] = _NATIVE["on"], bool(enabled)
+    return previous
+
+
+def native_wgrad():
+    """True when the depthwise weight gradient runs as megfb's operator (built on first use)."""
+    return _NATIVE["on"] and native.load()
+
+
 class _SameConv(Function):
     """Stride-1 "same" conv (dense or depthwise) whose backward is written as forward convs.
 
@@ -102,6 +119,9 @@ class _SameConv(Function):
             dw = conv(x.transpose(1, 0, 2, 3), dy.transpose(1, 0, 2, 3), p, 1)
             return dx, dw.transpose(1, 0, 2, 3)
         dx = conv(dy, flipped, p, g)
+        k = w.shape[-1]
+        if g == c and w.shape[-2] == k and 2 * p == k - 1 and native_wgrad():
+            return dx, native.depthwise_wgrad(x, dy, k, p).reshape(w.shape)
         xt = x.transpose(1, 0, 2, 3).reshape(1, c * b, h, wd)
         dyt = dy.transpose(1, 0, 2, 3).reshape(c, 1, b, dy.shape[2], dy.shape[3])
         return dx, conv(xt, dyt, p, g).reshape(w.shape)

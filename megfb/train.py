@@ -506,7 +506,7 @@ def _run_training(cfg, restart, rank, world, main, lock, cpu_devices=None):
             preds = pred if preds is None else preds
         main_label = "ema" if ema_on else "raw"
         val.update(score=results[main_label][0], psnr=results[main_label][1], iteration=it, weights=main_label)
-        rec = {"iteration": it, "val_score": val["score"], "val_psnr": val["psnr"],
+        rec = {"iteration": it, "wall_s": round(time.time() - t_start, 1), "val_score": val["score"], "val_psnr": val["psnr"],
                "identity_score": val["identity_score"], "weights": main_label}
         if ema_on:
             rec.update(val_score_raw=results["raw"][0], val_psnr_raw=results["raw"][1])

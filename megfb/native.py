@@ -1,0 +1,124 @@
+"""megfb's own CPU operators (megfb/csrc), compiled on first use and loaded into MegEngine.
+
+One operator so far: the weight gradient of a stride-1 "same" depthwise conv
+(csrc/depthwise_wgrad.cpp), the largest single cost of a training step on a CPU when MegEngine
+computes it (megfb/ops.py's plain fallback, a grouped forward conv whose filter is the whole
+gradient map). It runs on MegEngine's CPU worker like any other operator, so nothing needs
+extra synchronisation.
+
+The library is built with the machine's C++ compiler against the headers shipped in the
+MegEngine wheel, once per source, compiler flags and MegEngine version, into
+~/.cache/megfb/native (MEGFB_CACHE moves it); later processes load it directly. When it cannot
+be built (no compiler) or MEGFB_NATIVE=0 is set, megfb uses the MegEngine fallback, which
+computes the same numbers (tests/test_native.py), only slower; `megfb bench` says which ran.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+_SOURCES = ("depthwise_wgrad.cpp",)
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++14"]
+_LOCK = threading.Lock()
+_STATE = {"loaded": None, "error": None}
+
+
+def cache_dir():
+    root = os.environ.get("MEGFB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megfb")
+    return os.path.join(root, "native")
+
+
+def _library_path():
+    import megengine
+
+    digest = hashlib.sha256()
+    here = os.path.join(os.path.dirname(__file__), "csrc")
+    for name in _SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    digest.update(" ".join(_FLAGS).encode())
+    digest.update(megengine.__version__.encode())
+    digest.update(sys.version.encode())
+    return os.path.join(cache_dir(), f"megfb_ops-{digest.hexdigest()[:16]}.so")
+
+
+def _build(target):
+    import megengine
+    from megengine.core.ops.custom import get_custom_op_abi_tag
+
+    root = os.path.dirname(megengine.__file__)
+    include, lib = os.path.join(root, "core", "include"), os.path.join(root, "core", "lib")
+    sources = [os.path.join(os.path.dirname(__file__), "csrc", name) for name in _SOURCES]
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    # built beside the target under a temporary name, then renamed: a concurrent process or an
+    # interrupted build never leaves a half-written library under the final name
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
+    os.close(fd)
+    cmd = [os.environ.get("CXX", "c++"), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={get_custom_op_abi_tag()}",
+           "-isystem", include, *sources, "-o", tmp, f"-L{lib}", "-lmegengine_shared", f"-Wl,-rpath,{lib}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load():
+    """True when megfb's operators are loaded (building them if needed); False (once, with the
+    reason in `reason()`) when they cannot be, or MEGFB_NATIVE=0 turns them off."""
+    with _LOCK:
+        if _STATE["loaded"] is not None:
+            return _STATE["loaded"]
+        if os.environ.get("MEGFB_NATIVE", "1") == "0":
+            _STATE.update(loaded=False, error="MEGFB_NATIVE=0")
+            return False
+        import megengine
+
+        if megengine.is_cuda_available():  # CPU kernels only; on a GPU MegEngine's own run there
+            _STATE.update(loaded=False, error="a GPU is present (megfb's operators are CPU-only)")
+            return False
+        try:
+            from megengine.core.ops import custom
+
+            path = _library_path()
+            if not os.path.exists(path):
+                _build(path)
+            custom.load(path)
+            _STATE["loaded"] = True
+        except Exception as exc:  # no compiler, no headers, a MegEngine without custom ops
+            _STATE.update(loaded=False, error=f"{type(exc).__name__}: {exc}")
+        return _STATE["loaded"]
+
+
+def reason():
+    """Why the operators are not in use (None when they are, or before load())."""
+    return _STATE["error"]
+
+
+def depthwise_wgrad(x, dy, k, pad):
+    """dw (C, k*k) of a stride-1 same depthwise conv with input x and output gradient dy, both
+    (B, C, H, W): dw[c, i, j] = sum x[b, c, y + i - pad, x + j - pad] * dy[b, c, y, x]."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    if int(k) % 2 != 1 or 2 * int(pad) != int(k) - 1:
+        # checked here: the operator's own check aborts the process from MegEngine's worker
+        raise ValueError(f"depthwise_wgrad: a same conv needs an odd k and pad (k - 1) / 2, got k={k}, pad={pad}")
+    # MegEngine runs a custom operator's CPU code as soon as its turn comes in the eager
+    # interpreter, without waiting for the kernels already queued on the CPU device's worker
+    # thread (which may still be writing x or dy): wait for them first.
+    _wait_devices()
+    return apply(custom.MegfbDepthwiseWGrad(k=int(k), pad=int(pad)), x, dy)[0]
+
+
+def _wait_devices():
+    import megengine as mge
+    from megengine.core._imperative_rt.common import CompNode
+
+    mge._full_sync()
+    CompNode._sync_all()

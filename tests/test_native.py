@@ -1,0 +1,124 @@
+"""megfb's own CPU operator (megfb/native.py): equal to MegEngine's fallback and to float64."""
+import os
+
+import numpy as np
+import pytest
+
+from helpers import TINY
+
+native = pytest.importorskip("megfb.native")
+
+
+def _loaded():
+    if not native.load():
+        pytest.skip(f"megfb's operators are not available here: {native.reason()}")
+
+
+def _truth(x, dy, k, pad):
+    """float64 dw[c, i, j] = sum x_pad[b, c, y + i, x + j] * dy[b, c, y, x]."""
+    h, w = x.shape[2:]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    return np.stack([np.einsum("bchw,bchw->c", xp[:, :, i:i + h, j:j + w], dy.astype(np.float64))
+                     for i in range(k) for j in range(k)], axis=1)
+
+
+@pytest.mark.parametrize("shape,k", [((2, 3, 7, 9), 3), ((3, 5, 16, 13), 5), ((1, 4, 5, 21), 7),
+                                     ((2, 6, 11, 10), 1), ((4, 2, 3, 3), 5)])
+def test_depthwise_wgrad_equals_float64_and_the_fallback(shape, k):
+    import megengine as mge
+
+    from megfb import ops
+
+    _loaded()
+    rng = np.random.default_rng(k)
+    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    pad, (b, c, h, w) = (k - 1) // 2, shape
+    got = native.depthwise_wgrad(mge.tensor(x), mge.tensor(dy), k, pad).numpy()
+    truth = _truth(x, dy, k, pad)
+    scale = np.abs(truth).max()
+    assert got.shape == (c, k * k)
+    assert np.abs(got - truth).max() <= 1e-6 * scale
+    # the MegEngine fallback of megfb/ops.py: a grouped conv with dy as the filter
+    xt = mge.tensor(x).transpose(1, 0, 2, 3).reshape(1, c * b, h, w)
+    dyt = mge.tensor(dy).transpose(1, 0, 2, 3).reshape(c, 1, b, h, w)
+    fallback = ops.conv(xt, dyt, pad, c).reshape(c, k * k).numpy()
+    assert np.abs(got - fallback).max() <= 1e-5 * scale
+
+
+def test_depthwise_wgrad_refuses_a_conv_that_is_not_same():
+    import megengine as mge
+
+    _loaded()
+    x = mge.tensor(np.ones((1, 2, 6, 6), dtype=np.float32))
+    with pytest.raises(ValueError, match="odd k"):
+        native.depthwise_wgrad(x, x, 5, 1).numpy()
+
+
+def test_training_gradients_with_and_without_the_native_operator():
+    """A training step's every gradient is the same whether the depthwise convs' weight
+    gradients come from megfb's operator or from MegEngine's kernels."""
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb import ops
+    from megfb.losses import supervised_loss
+    from megfb.model import build_model
+
+    _loaded()
+    rng = np.random.default_rng(0)
+    noisy, clean = (rng.random((3, 4, 16, 16), dtype=np.float32) for _ in range(2))
+    grads = {}
+    for on in (True, False):
+        previous = ops.use_native(on)
+        try:
+            mge.random.seed(0)
+            model = build_model(TINY)
+            model.train()
+            gm = GradManager().attach(model.parameters())
+            with gm:
+                loss, _ = supervised_loss(model(mge.tensor(noisy)), mge.tensor(clean),
+                                          {"type": "weighted_l1", "steps": "all"})
+                gm.backward(loss)
+            grads[on] = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+        finally:
+            ops.use_native(previous)
+    depthwise = [n for n in grads[True] if grads[True][n].ndim == 5]
+    assert depthwise, "the tiny model has depthwise convs"
+    for name, g in grads[False].items():
+        np.testing.assert_allclose(grads[True][name], g, rtol=0, atol=1e-5 * np.abs(g).max() + 1e-12,
+                                   err_msg=name)
+
+
+def test_native_off_by_environment(monkeypatch):
+    """MEGFB_NATIVE=0: nothing is built or loaded and the reason says why."""
+    monkeypatch.setattr(native, "_STATE", {"loaded": None, "error": None})
+    monkeypatch.setenv("MEGFB_NATIVE", "0")
+    assert native.load() is False
+    assert native.reason() == "MEGFB_NATIVE=0"
+
+
+def test_a_failed_build_leaves_no_library(monkeypatch, tmp_path):
+    """No compiler: load() says False with the reason, and the cache holds no half-built file."""
+    monkeypatch.setattr(native, "_STATE", {"loaded": None, "error": None})
+    monkeypatch.setenv("MEGFB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("MEGFB_NATIVE", raising=False)
+    assert native.load() is False
+    assert "no-such-compiler" in native.reason()
+    assert not list((tmp_path / "native").glob("*.so"))
+
+
+def test_builds_from_source_into_an_empty_cache(tmp_path, monkeypatch):
+    """The library builds from megfb/csrc with the machine's compiler (what a fresh machine does
+    on first use); the result is a shared object under its final name, no temporary left."""
+    import shutil
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here: megfb uses MegEngine's kernels instead")
+    monkeypatch.setenv("MEGFB_CACHE", str(tmp_path))
+    target = native._library_path()
+    assert target.startswith(str(tmp_path))
+    native._build(target)
+    with open(target, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [os.path.basename(target)]
