@@ -219,7 +219,7 @@ class LayerNorm(M.Module):
             mu = F.mean(x, axis=1, keepdims=True)
             var = F.var(x, axis=1, keepdims=True)
             return (x - mu) / F.sqrt(var + 1e-5) * self.weight + self.bias
-        return ops.channel_norm(x, self.weight, self.bias)  # training and eval
+        return ops.channel_norm(x, self.weight, self.bias, training=self.training)  # training and eval
 
 
 # ------------------------------------------------------------------------ Restormer block

@@ -21,6 +21,7 @@ from megengine.autodiff import Function
 from megengine.core._imperative_rt.common import CompNode
 from megengine.core._imperative_rt.core2 import apply
 from megengine.core.ops import builtin
+from megengine.jit.tracing import is_tracing
 
 from . import native
 
@@ -88,8 +89,15 @@ def use_native(enabled):
 
 
 def native_wgrad():
-    """True when the depthwise weight gradient runs as megfb's operator (built on first use)."""
-    return _NATIVE["on"] and native.load()
+    """True when the depthwise weight gradient runs as megfb's operator (built on first use).
+    Never inside a trace: a dumped graph holds MegEngine's operators only."""
+    return _NATIVE["on"] and not is_tracing() and native.load()
+
+
+def native_norm():
+    """True when the training LayerNorm runs as megfb's operators (built on first use).
+    Never inside a trace: a dumped graph holds MegEngine's operators only."""
+    return _NATIVE["on"] and not is_tracing() and native.load()
 
 
 class _SameConv(Function):
@@ -247,12 +255,22 @@ class _ChannelNorm(Function):
     elementwise ops, including a slow POW, becomes ~10). The forward makes three full-size
     passes: x - mean, times 1/std, and one fused multiply-add for weight and bias."""
 
+    def __init__(self, use_native=False):
+        super().__init__()
+        self.native = use_native
+
     def forward(self, x, weight, bias):
-        self.xhat, self.rstd = standardise(x)
         self.weight = weight
+        if self.native:
+            y, self.xhat, self.rstd = native.channel_norm_forward(x, weight, bias)
+            return y
+        self.xhat, self.rstd = standardise(x)
         return elemwise("FUSE_MUL_ADD3", self.xhat, weight, bias)
 
     def backward(self, dy):
+        if self.native:
+            dx, dweight, dbias = native.channel_norm_backward(dy, self.xhat, self.rstd, self.weight)
+            return dx, dweight.reshape(self.weight.shape), dbias.reshape(self.weight.shape)
         xhat = self.xhat
         g = dy * self.weight
         dx = (g - F.mean(g, axis=1, keepdims=True)
@@ -262,9 +280,10 @@ class _ChannelNorm(Function):
         return dx, dweight, dbias
 
 
-def channel_norm(x, weight, bias):
-    """LayerNorm over the channel axis (population variance, eps 1e-5), fast backward."""
-    return _ChannelNorm()(x, weight, bias)
+def channel_norm(x, weight, bias, training=False):
+    """LayerNorm over the channel axis (population variance, eps 1e-5), fast backward; in
+    training, megfb's own operators (megfb/native.py) compute it where they are available."""
+    return _ChannelNorm(training and native_norm())(x, weight, bias)
 
 
 def norm_folded_into_pointwise(x, norm_weight, norm_bias, weight, bias=None):

@@ -113,7 +113,7 @@ def quickly_trained_denoiser(iterations=150, seed=0):
     xc = clean_in_model_range(bayer_scene(256, 256, "RGGB", 512, 16383, noise=0.03, seed=1)[0]).astype(np.float32)
     span = np.float32((MODEL_WHITE - MODEL_BLACK) / 65535)
     gm = GradManager().attach(model.parameters())
-    opt = mge.optimizer.Adam(model.parameters(), lr=1e-2)
+    opt = mge.optimizer.Adam(model.parameters(), lr=5e-3)  # 1e-2 denoised or not by float rounding
     rng = np.random.default_rng(seed)
     model.train()
     for i in range(iterations):
@@ -143,8 +143,8 @@ def test_blended_tiles_have_no_visible_seams():
     assert report["pairs"] == 12 + 3
     xc = clean_in_model_range(clean)
     y = denoise_packed(model, x, 48, 16)
-    assert np.abs(y - xc).mean() < 0.95 * np.abs(x - xc).mean()  # it does denoise (measured 0.92)
-    assert report["ratio"] < 0.45, report  # measured 0.34 (0.10 for the published weights, docs/denoise.md)
+    assert np.abs(y - xc).mean() < 0.95 * np.abs(x - xc).mean()  # it does denoise (measured 0.60)
+    assert report["ratio"] < 0.45, report  # measured 0.25 (0.10 for the published weights, docs/denoise.md)
     # and across every tile border the blended output steps no more than inside a tile
     steps = np.abs(np.diff(y, axis=2)).mean(axis=(0, 1))
     borders = sorted({s for _, s, _, _ in tile_grid(90, 110, 48, 16)} - {0})

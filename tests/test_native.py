@@ -122,3 +122,53 @@ def test_builds_from_source_into_an_empty_cache(tmp_path, monkeypatch):
     with open(target, "rb") as f:
         assert f.read(4) == b"\x7fELF"
     assert [p.name for p in (tmp_path / "native").iterdir()] == [os.path.basename(target)]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (3, 32, 8, 16), (1, 3, 1, 70)])
+def test_channel_norm_forward_and_backward_equal_megengines(shape):
+    """The training LayerNorm as megfb's operators: y, and the gradients of x, weight and
+    bias, equal to the same LayerNorm through MegEngine's operators (megfb/ops.py)."""
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb import ops
+
+    _loaded()
+    rng = np.random.default_rng(shape[1])
+    c = shape[1]
+    x0 = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    w0 = rng.standard_normal((1, c, 1, 1)).astype(np.float32)
+    b0 = rng.standard_normal((1, c, 1, 1)).astype(np.float32)
+    up = rng.standard_normal(shape).astype(np.float32)
+    out = {}
+    for on in (True, False):
+        previous = ops.use_native(on)
+        try:
+            x, w, b = mge.Parameter(x0), mge.Parameter(w0), mge.Parameter(b0)
+            gm = GradManager().attach([x, w, b])
+            with gm:
+                y = ops.channel_norm(x, w, b, training=True)
+                gm.backward((y * mge.tensor(up)).sum())
+            out[on] = [t.numpy().copy() for t in (y, x.grad, w.grad, b.grad)]
+        finally:
+            ops.use_native(previous)
+    # the definition itself, in float64
+    xd = x0.astype(np.float64)
+    ref = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5) * w0 + b0
+    assert np.abs(out[True][0] - ref).max() <= 1e-5 * np.abs(ref).max()
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), out[True], out[False]):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max() + 1e-7, err_msg=name)
+
+
+def test_no_native_operator_in_a_dumped_graph():
+    """Export traces the model (train mode too, for `params`): the graph holds MegEngine's
+    operators only, so Lite and the contest's loader can run it."""
+    from megfb.graph import export_graph_bytes
+    from megfb.model import build_model
+
+    _loaded()
+    model = build_model(TINY)
+    for all_steps in (False, True):
+        graph = export_graph_bytes(model, (1, 4, 16, 16), all_steps=all_steps)
+        assert b"Megfb" not in graph

@@ -1,0 +1,206 @@
+// megfb custom CPU operators: LayerNorm over the channel axis of a (B, C, H, W) map, forward and
+// backward, for training (megfb/ops.py _ChannelNorm; eps 1e-5, population variance).
+//
+//   forward:  xhat = (x - mean_c x) * rstd, rstd = 1 / sqrt(var_c x + 1e-5), y = w * xhat + b
+//   backward: g = dy * w; dx = (g - mean_c g - xhat * mean_c(g * xhat)) * rstd,
+//             dw = sum_{b,h,w} dy * xhat, db = sum_{b,h,w} dy
+//
+// MegEngine runs each as ~10 elementwise and reduction passes over the map; here the pixels are
+// taken in tiles of 64, whose C channel values stay in the L1 cache while every statistic is
+// summed, so the map is read about once per op. Built and loaded by megfb/native.py;
+// tests/test_native.py checks both against the MegEngine definition.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "megbrain/custom/custom.h"
+
+CUSTOM_OP_REG_BEGIN(MegfbChannelNorm)
+
+constexpr long TILE = 64;
+
+// t's values as a dense array: t's own memory when it is contiguous, else a copy in buf
+// (up to 4 dimensions, any strides)
+const float* dense(const Tensor& t, std::vector<float>& buf) {
+    if (t.is_contiguous())
+        return t.data<float>();
+    const Shape s = t.shape();
+    const std::vector<ptrdiff_t> st = t.stride();
+    long n[4] = {1, 1, 1, 1}, d[4] = {0, 0, 0, 0};
+    const long nd = static_cast<long>(s.ndim());
+    for (long i = 0; i < nd; ++i) {
+        n[4 - nd + i] = static_cast<long>(s[i]);
+        d[4 - nd + i] = static_cast<long>(st[i]);
+    }
+    buf.resize(n[0] * n[1] * n[2] * n[3]);
+    const float* src = t.data<float>();
+    float* out = buf.data();
+    for (long a = 0; a < n[0]; ++a)
+        for (long b = 0; b < n[1]; ++b)
+            for (long c = 0; c < n[2]; ++c)
+                for (long e = 0; e < n[3]; ++e)
+                    *out++ = src[a * d[0] + b * d[1] + c * d[2] + e * d[3]];
+    return buf.data();
+}
+
+void fwd_device_infer(const std::vector<Device>& inputs, const Param&, std::vector<Device>& outputs) {
+    for (auto& o : outputs)
+        o = inputs[0];
+}
+
+void fwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
+    outputs[0] = inputs[0];
+    outputs[1] = inputs[0];
+    outputs[2] = Shape({inputs[0][0], 1, inputs[0][2], inputs[0][3]});
+}
+
+void fwd_dtype_infer(const std::vector<DType>& inputs, const Param&, std::vector<DType>& outputs) {
+    for (auto& o : outputs)
+        o = inputs[0];
+}
+
+void fwd_format_infer(const std::vector<Format>& inputs, const Param&, std::vector<Format>& outputs) {
+    for (auto& o : outputs)
+        o = inputs[0];
+}
+
+// inputs: x (B, C, H, W) contiguous, weight (C), bias (C); outputs: y, xhat, rstd (B, 1, H, W)
+void fwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
+    const Shape s = inputs[0].shape();
+    const long B = s[0], C = s[1], HW = s[2] * s[3];
+    std::vector<float> bx, bw, bb;
+    const float* x = dense(inputs[0], bx);
+    const float* w = dense(inputs[1], bw);
+    const float* bias = dense(inputs[2], bb);
+    float* y = outputs[0].data<float>();
+    float* xhat = outputs[1].data<float>();
+    float* rstd = outputs[2].data<float>();
+    const float inv_c = 1.f / static_cast<float>(C);
+    float mean[TILE], var[TILE], r[TILE];
+    for (long b = 0; b < B; ++b) {
+        const float* xb = x + b * C * HW;
+        float *yb = y + b * C * HW, *hb = xhat + b * C * HW;
+        for (long p0 = 0; p0 < HW; p0 += TILE) {
+            const long n = std::min(TILE, HW - p0);
+            std::fill(mean, mean + n, 0.f);
+            std::fill(var, var + n, 0.f);
+            for (long c = 0; c < C; ++c) {
+                const float* xc = xb + c * HW + p0;
+                for (long p = 0; p < n; ++p)
+                    mean[p] += xc[p];
+            }
+            for (long p = 0; p < n; ++p)
+                mean[p] *= inv_c;
+            for (long c = 0; c < C; ++c) {
+                const float* xc = xb + c * HW + p0;
+                for (long p = 0; p < n; ++p) {
+                    const float d = xc[p] - mean[p];
+                    var[p] += d * d;
+                }
+            }
+            for (long p = 0; p < n; ++p)
+                r[p] = 1.f / std::sqrt(var[p] * inv_c + 1e-5f);
+            std::copy(r, r + n, rstd + b * HW + p0);
+            for (long c = 0; c < C; ++c) {
+                const float* xc = xb + c * HW + p0;
+                float *yc = yb + c * HW + p0, *hc = hb + c * HW + p0;
+                const float wc = w[c], bc = bias[c];
+                for (long p = 0; p < n; ++p) {
+                    const float h = (xc[p] - mean[p]) * r[p];
+                    hc[p] = h;
+                    yc[p] = h * wc + bc;
+                }
+            }
+        }
+    }
+}
+
+CUSTOM_OP_REG(MegfbChannelNormForward)
+        .set_description("LayerNorm over channels, forward (megfb)")
+        .add_input("x")
+        .add_input("weight")
+        .add_input("bias")
+        .add_output("y")
+        .add_output("xhat")
+        .add_output("rstd")
+        .set_device_infer(fwd_device_infer)
+        .set_shape_infer(fwd_shape_infer)
+        .set_dtype_infer(fwd_dtype_infer)
+        .set_format_infer(fwd_format_infer)
+        .set_compute(fwd_compute);
+
+void bwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
+    outputs[0] = inputs[0];
+    outputs[1] = Shape({inputs[0][1]});
+    outputs[2] = Shape({inputs[0][1]});
+}
+
+// inputs: dy, xhat (B, C, H, W), rstd (B, 1, H, W), weight (C); outputs: dx, dweight (C), dbias (C)
+void bwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
+    const Shape s = inputs[0].shape();
+    const long B = s[0], C = s[1], HW = s[2] * s[3];
+    std::vector<float> bdy, bh, br, bw;
+    const float* dy = dense(inputs[0], bdy);
+    const float* xhat = dense(inputs[1], bh);
+    const float* rstd = dense(inputs[2], br);
+    const float* w = dense(inputs[3], bw);
+    float* dx = outputs[0].data<float>();
+    float* dw = outputs[1].data<float>();
+    float* db = outputs[2].data<float>();
+    const float inv_c = 1.f / static_cast<float>(C);
+    std::vector<double> dw_acc(C, 0.0), db_acc(C, 0.0);
+    float mg[TILE], mgx[TILE];
+    for (long b = 0; b < B; ++b) {
+        const long off = b * C * HW;
+        for (long p0 = 0; p0 < HW; p0 += TILE) {
+            const long n = std::min(TILE, HW - p0);
+            std::fill(mg, mg + n, 0.f);
+            std::fill(mgx, mgx + n, 0.f);
+            for (long c = 0; c < C; ++c) {
+                const float* dyc = dy + off + c * HW + p0;
+                const float* hc = xhat + off + c * HW + p0;
+                const float wc = w[c];
+                float sdw = 0.f, sdb = 0.f;
+                for (long p = 0; p < n; ++p) {
+                    const float g = dyc[p] * wc;
+                    mg[p] += g;
+                    mgx[p] += g * hc[p];
+                    sdw += dyc[p] * hc[p];
+                    sdb += dyc[p];
+                }
+                dw_acc[c] += sdw;
+                db_acc[c] += sdb;
+            }
+            const float* r = rstd + b * HW + p0;
+            for (long c = 0; c < C; ++c) {
+                const float* dyc = dy + off + c * HW + p0;
+                const float* hc = xhat + off + c * HW + p0;
+                float* dxc = dx + off + c * HW + p0;
+                const float wc = w[c];
+                for (long p = 0; p < n; ++p)
+                    dxc[p] = (dyc[p] * wc - mg[p] * inv_c - hc[p] * (mgx[p] * inv_c)) * r[p];
+            }
+        }
+    }
+    for (long c = 0; c < C; ++c) {
+        dw[c] = static_cast<float>(dw_acc[c]);
+        db[c] = static_cast<float>(db_acc[c]);
+    }
+}
+
+CUSTOM_OP_REG(MegfbChannelNormBackward)
+        .set_description("LayerNorm over channels, backward (megfb)")
+        .add_input("dy")
+        .add_input("xhat")
+        .add_input("rstd")
+        .add_input("weight")
+        .add_output("dx")
+        .add_output("dweight")
+        .add_output("dbias")
+        .set_device_infer(fwd_device_infer)
+        .set_shape_infer(bwd_shape_infer)
+        .set_dtype_infer(fwd_dtype_infer)
+        .set_format_infer(fwd_format_infer)
+        .set_compute(bwd_compute);
+
+CUSTOM_OP_REG_END(MegfbChannelNorm)
