@@ -13,8 +13,8 @@ layers eagerly through the prediction path (--engine mge); "infer lite" the conf
 predict/submit/eval use by default on CPU (--engine lite: the dumped graph in one Lite
 network per core); "train step split" the batch split over the CPU devices (megfb/split.py),
 experimental and off by default in the trainer. "train fast, no native" repeats the fast training
-step with the depthwise convs' weight gradients by MegEngine's kernels instead of megfb's own
-operator (megfb/native.py); "malloc dflt" repeats Lite inference with glibc's thresholds put
+step with MegEngine's kernels where megfb's own operators (megfb/native.py: the depthwise
+convs' weight gradients, the LayerNorm) run by default; "malloc dflt" repeats Lite inference with glibc's thresholds put
 back (megfb/__init__.py tunes them at import).
 """
 import collections
@@ -301,7 +301,7 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
             per="step")
 
     if results["native"] == "on":
-        _progress("training step, batch 8: fast, depthwise weight gradients by MegEngine's kernels")
+        _progress("training step, batch 8: fast, MegEngine's kernels instead of megfb's operators")
         previous = use_native(False)
         try:
             row("train fast, no native", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
@@ -390,7 +390,7 @@ def format_table(res):
                  f" / x{rat['infer_fast_eager_speedup_b8']}; training step x{rat['train_speedup']}"
                  + (f" (split over the cores, experimental: x{rat['train_split_speedup']})"
                     if "train_split_speedup" in rat else ""))
-    lines.append(f"megfb's native operator (depthwise weight gradients): {res.get('native', 'on')}"
+    lines.append(f"megfb's native operators (depthwise weight gradients, training LayerNorm): {res.get('native', 'on')}"
                  + (f"; training step without it x{rat['native_train']} the time" if "native_train" in rat else ""))
     lines.append(f"glibc malloc defaults instead of megfb's thresholds: lite inference x{rat['malloc_infer']} the time")
     lines.append("max relative difference to plain: "
