@@ -64,7 +64,7 @@ void fwd_format_infer(const std::vector<Format>& inputs, const Param&, std::vect
         o = inputs[0];
 }
 
-// inputs: x (B, C, H, W) contiguous, weight (C), bias (C); outputs: y, xhat, rstd (B, 1, H, W)
+// inputs: x (B, C, H, W), weight (C), bias (C), any strides; outputs: y, xhat, rstd (B, 1, H, W)
 void fwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
     const Shape s = inputs[0].shape();
     const long B = s[0], C = s[1], HW = s[2] * s[3];

@@ -68,6 +68,37 @@ static inline void copy_row(const Map& m, long row, long W, float* out) {
             out[t] = r[t * m.sw];
 }
 
+// output row y of dy into dbuf, zero-padded to W8 columns
+static inline void load_dy_row(const Map& dc, long y, long W, long W8, float* dbuf) {
+    copy_row(dc, y, W, dbuf);
+    std::fill(dbuf + W, dbuf + W8, 0.f);
+}
+
+// input row `row` of x into xbuf with `pad` zeros before it and zeros up to W8 + k + 8 after
+static inline void load_x_row(const Map& xc, long row, long W, long W8, long k, long pad, float* xbuf) {
+    std::fill(xbuf, xbuf + pad, 0.f);
+    copy_row(xc, row, W, xbuf + pad);
+    std::fill(xbuf + pad + W, xbuf + W8 + k + 8, 0.f);
+}
+
+// For every output row y and tap row i whose input row exists: the two rows loaded into dbuf
+// and xbuf, then body(i) sums their products.
+template <typename Body>
+static inline void for_each_row_pair(const Map& xc, const Map& dc, long H, long W, long k, long pad,
+                                     float* xbuf, float* dbuf, Body body) {
+    const long W8 = (W + 7) / 8 * 8;
+    for (long y = 0; y < H; ++y) {
+        load_dy_row(dc, y, W, W8, dbuf);
+        for (long i = 0; i < k; ++i) {
+            const long row = y + i - pad;
+            if (row < 0 || row >= H)
+                continue;
+            load_x_row(xc, row, W, W8, k, pad, xbuf);
+            body(i);
+        }
+    }
+}
+
 template <int K>
 static void wgrad_map(const Map& xc, const Map& dc, long H, long W, long pad, float* part,
                       float* xbuf, float* dbuf) {
@@ -77,16 +108,7 @@ static void wgrad_map(const Map& xc, const Map& dc, long H, long W, long pad, fl
     for (int t = 0; t < K * K; ++t)
         sums[t] = _mm256_setzero_ps();
 #endif
-    for (long y = 0; y < H; ++y) {
-        copy_row(dc, y, W, dbuf);
-        std::fill(dbuf + W, dbuf + W8, 0.f);
-        for (long i = 0; i < K; ++i) {
-            const long row = y + i - pad;
-            if (row < 0 || row >= H)
-                continue;
-            std::fill(xbuf, xbuf + pad, 0.f);
-            copy_row(xc, row, W, xbuf + pad);
-            std::fill(xbuf + pad + W, xbuf + W8 + K + 8, 0.f);
+    for_each_row_pair(xc, dc, H, W, K, pad, xbuf, dbuf, [&](long i) {
 #ifdef __AVX2__
             __m256 a[K];
             for (int j = 0; j < K; ++j)
@@ -102,8 +124,7 @@ static void wgrad_map(const Map& xc, const Map& dc, long H, long W, long pad, fl
             for (int j = 0; j < K; ++j)
                 part[i * K + j] += dot(xbuf + j, dbuf, W8);
 #endif
-        }
-    }
+    });
 #ifdef __AVX2__
     for (int t = 0; t < K * K; ++t) {
         alignas(32) float v[8];
@@ -117,20 +138,10 @@ static void wgrad_map(const Map& xc, const Map& dc, long H, long W, long pad, fl
 static void wgrad_map_any(const Map& xc, const Map& dc, long H, long W, long k, long pad, float* part,
                           float* xbuf, float* dbuf) {
     const long W8 = (W + 7) / 8 * 8;
-    for (long y = 0; y < H; ++y) {
-        copy_row(dc, y, W, dbuf);
-        std::fill(dbuf + W, dbuf + W8, 0.f);
-        for (long i = 0; i < k; ++i) {
-            const long row = y + i - pad;
-            if (row < 0 || row >= H)
-                continue;
-            std::fill(xbuf, xbuf + pad, 0.f);
-            copy_row(xc, row, W, xbuf + pad);
-            std::fill(xbuf + pad + W, xbuf + W8 + k + 8, 0.f);
-            for (long j = 0; j < k; ++j)
-                part[i * k + j] += dot(xbuf + j, dbuf, W8);
-        }
-    }
+    for_each_row_pair(xc, dc, H, W, k, pad, xbuf, dbuf, [&](long i) {
+        for (long j = 0; j < k; ++j)
+            part[i * k + j] += dot(xbuf + j, dbuf, W8);
+    });
 }
 
 void wgrad_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
