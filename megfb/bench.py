@@ -14,7 +14,10 @@ predict/submit/eval use by default on CPU (--engine lite: the dumped graph in on
 network per core); "train step split" the batch split over the CPU devices (megfb/split.py),
 experimental and off by default in the trainer. "train fast, no native" repeats the fast training
 step with MegEngine's kernels where megfb's own operators (megfb/native.py: the depthwise
-convs' weight gradients, the LayerNorm) run by default; "malloc dflt" repeats Lite inference with glibc's thresholds put
+convs' weight gradients, the LayerNorm) run by default. Training steps run where the trainer
+runs them, on MegEngine's inline CPU device "cpu:default" (kernels on the interpreter's thread);
+"train fast, worker dev" repeats the fast step on the default device (cpu0's worker thread),
+where each of megfb's operators must wait for the worker first; "malloc dflt" repeats Lite inference with glibc's thresholds put
 back (megfb/__init__.py tunes them at import).
 """
 import collections
@@ -88,7 +91,7 @@ def _predict_fn(model, x, engine):
 
 def _split_train_fn(model, noisy, clean, devices, model_cfg):
     """The split step (megfb/split.py) on a fast copy of `model`, built from `model_cfg`
-    (devices[0]: the default device)."""
+    (devices[0]: the default device), on numpy batches."""
     from .losses import supervised_loss
     from .split import SplitStep
 
@@ -97,7 +100,6 @@ def _split_train_fn(model, noisy, clean, devices, model_cfg):
     copy.train()
     step = SplitStep(copy, devices)
     opt = mge.optimizer.Adam(copy.parameters(), lr=1e-4)
-    noisy, clean = noisy.numpy(), clean.numpy()
     cfg = {"type": "l1", "steps": "all"}
 
     def run():
@@ -287,26 +289,36 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
     }
 
     model.train()
-    noisy = mge.tensor(rng.random((8, 4, crop, crop), dtype=np.float32))
-    clean = mge.tensor(rng.random((8, 4, crop, crop), dtype=np.float32))
-    for fast in (False, True):
-        _progress(f"training step, batch 8: {'fast' if fast else 'plain'}")
-        use_path(model, fast)
-        row(f"train step {'fast' if fast else 'plain'}", 8,
-            measure_case(_train_fn(model, noisy, clean), plain_repeats if not fast else repeats), per="step")
-    if workers > 1:
-        devices = [mge.get_default_device()] + [f"cpu{i}" for i in range(1, workers)]
-        _progress(f"training step, batch 8: fast, split over {', '.join(devices)}")
-        row(f"train step split x{workers}", 8, measure_case(_split_train_fn(model, noisy, clean, devices, model_cfg), repeats),
-            per="step")
+    batch_np = [rng.random((8, 4, crop, crop), dtype=np.float32) for _ in range(2)]
+    noisy, clean = (mge.tensor(a) for a in batch_np)
+    # the trainer's device (megfb/train.py): MegEngine's inline CPU device, a model of its own
+    results["train_device"] = native.INLINE_DEVICE
+    with native.default_device(native.INLINE_DEVICE):
+        trained = build_model(dict(model_cfg, fast=False))
+        trained.load_state_dict(model.state_dict())
+        trained.train()
+        inline_batch = [mge.tensor(a) for a in batch_np]
+        for fast in (False, True):
+            _progress(f"training step, batch 8: {'fast' if fast else 'plain'}")
+            use_path(trained, fast)
+            row(f"train step {'fast' if fast else 'plain'}", 8,
+                measure_case(_train_fn(trained, *inline_batch), plain_repeats if not fast else repeats), per="step")
+        if workers > 1:
+            devices = [native.INLINE_DEVICE] + [f"cpu{i}" for i in range(1, workers)]
+            _progress(f"training step, batch 8: fast, split over {', '.join(devices)}")
+            row(f"train step split x{workers}", 8,
+                measure_case(_split_train_fn(trained, *batch_np, devices, model_cfg), repeats), per="step")
+        if results["native"] == "on":
+            _progress("training step, batch 8: fast, MegEngine's kernels instead of megfb's operators")
+            previous = use_native(False)
+            try:
+                row("train fast, no native", 8, measure_case(_train_fn(trained, *inline_batch), repeats), per="step")
+            finally:
+                use_native(previous)
+    _progress(f"training step, batch 8: fast, on MegEngine's default device {mge.get_default_device()}")
+    use_path(model, True)
+    row("train fast, worker dev", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
 
-    if results["native"] == "on":
-        _progress("training step, batch 8: fast, MegEngine's kernels instead of megfb's operators")
-        previous = use_native(False)
-        try:
-            row("train fast, no native", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
-        finally:
-            use_native(previous)
 
     _progress("Lite inference again with glibc's malloc thresholds")
     set_malloc(MALLOC_DEFAULT)
@@ -356,6 +368,9 @@ def _ratios(rows, workers):
     out["train_speedup"] = round(plain / by[("train step fast", 8)]["sec_per_step"], 2)
     if (f"train step split x{workers}", 8) in by:
         out["train_split_speedup"] = round(plain / by[(f"train step split x{workers}", 8)]["sec_per_step"], 2)
+    if ("train fast, worker dev", 8) in by:
+        out["inline_train"] = round(by[("train fast, worker dev", 8)]["sec_per_step"]
+                                    / by[("train step fast", 8)]["sec_per_step"], 2)
     if ("train fast, no native", 8) in by:
         out["native_train"] = round(by[("train fast, no native", 8)]["sec_per_step"]
                                     / by[("train step fast", 8)]["sec_per_step"], 2)
@@ -392,6 +407,9 @@ def format_table(res):
                     if "train_split_speedup" in rat else ""))
     lines.append(f"megfb's native operators (depthwise weight gradients, training LayerNorm): {res.get('native', 'on')}"
                  + (f"; training step without it x{rat['native_train']} the time" if "native_train" in rat else ""))
+    if "inline_train" in rat:
+        lines.append(f"training steps on MegEngine's inline CPU device {res.get('train_device')} (the trainer's); "
+                     f"the fast step on the default device's worker thread x{rat['inline_train']} the time")
     lines.append(f"glibc malloc defaults instead of megfb's thresholds: lite inference x{rat['malloc_infer']} the time")
     lines.append("max relative difference to plain: "
                  + ", ".join(f"{k} {v:.1e}" for k, v in res["max_rel_diff"].items()))

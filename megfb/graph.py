@@ -29,6 +29,21 @@ def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_n
     fuse_nonlinearity: also fuse conv + bias + activation into one operator (the graph the Lite
     runtime of megfb/lite.py runs; same arithmetic).
     """
+    from . import native
+
+    if native.on_inline_device(model):
+        # a model trained on MegEngine's inline CPU device (megfb/train.py): the graph is traced
+        # from a copy on the default device, so the dumped graph names no "cpu:default"
+        from .ops import replicate_constants
+        from .split import copy_module
+
+        with native.default_device("xpux"):
+            replicate_constants("xpux")
+            twin = copy_module(model, "xpux")
+            export_graph(twin, file, shape, seed, all_steps, fuse_nonlinearity)
+        model.eval()
+        return
+
     import megengine as mge
     from megengine import jit
 

@@ -5,8 +5,12 @@ The operators: the weight gradient of a stride-1 "same" depthwise conv
 computes it (megfb/ops.py's fallback, a grouped forward conv whose filter is the whole gradient
 map), and the channel LayerNorm's forward and backward for training (csrc/channel_norm.cpp),
 one pass over the map each instead of MegEngine's ~10 elementwise and reduction passes. A
-custom operator's CPU code runs when the eager interpreter reaches it, without waiting for the
-kernels still queued on the CPU device's worker thread, so every call first waits for them.
+custom operator's CPU code runs when the eager interpreter reaches it, on the interpreter's own
+thread, without waiting for the kernels still queued on a CPU device's worker thread (cpu0,
+cpu1, ...), so a call on such a device first waits for every device. On MegEngine's inline CPU
+device "cpu:default" (INLINE_DEVICE) every kernel runs on that same interpreter thread, in
+order, so nothing is pending and no wait is needed: the trainer trains there (megfb/train.py;
+the waits stalled the interpreter ~100 times a step, x1.24 the step's time).
 
 The library is built with the machine's C++ compiler against the headers shipped in the
 MegEngine wheel, once per source, compiler flags and MegEngine version, into
@@ -14,6 +18,7 @@ MegEngine wheel, once per source, compiler flags and MegEngine version, into
 be built (no compiler) or MEGFB_NATIVE=0 is set, megfb uses the MegEngine fallback, which
 computes the same numbers (tests/test_native.py), only slower; `megfb bench` says which ran.
 """
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -25,6 +30,8 @@ _SOURCES = ("depthwise_wgrad.cpp", "channel_norm.cpp")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++14"]
 _LOCK = threading.Lock()
 _STATE = {"loaded": None, "error": None}
+# MegEngine's CPU device whose kernels run on the eager interpreter's thread (not a worker's)
+INLINE_DEVICE = "cpu:default"
 
 
 def cache_dir():
@@ -114,9 +121,9 @@ def depthwise_wgrad(x, dy, k, pad):
         # checked here: the operator's own check aborts the process from MegEngine's worker
         raise ValueError(f"depthwise_wgrad: a same conv needs an odd k and pad (k - 1) / 2, got k={k}, pad={pad}")
     # MegEngine runs a custom operator's CPU code as soon as its turn comes in the eager
-    # interpreter, without waiting for the kernels already queued on the CPU device's worker
-    # thread (which may still be writing x or dy): wait for them first.
-    _wait_devices()
+    # interpreter, without waiting for the kernels already queued on a CPU device's worker
+    # thread (which may still be writing x or dy): wait for them first (not on INLINE_DEVICE).
+    _wait_devices(x, dy)
     return apply(custom.MegfbDepthwiseWGrad(k=int(k), pad=int(pad)), x, dy)[0]
 
 
@@ -127,7 +134,7 @@ def channel_norm_forward(x, weight, bias):
     from megengine.core.ops import custom
 
     c = x.shape[1]
-    _wait_devices()
+    _wait_devices(x, weight, bias)
     return apply(custom.MegfbChannelNormForward(), x, weight.reshape(c), bias.reshape(c))
 
 
@@ -136,13 +143,36 @@ def channel_norm_backward(dy, xhat, rstd, weight):
     from megengine.core._imperative_rt.core2 import apply
     from megengine.core.ops import custom
 
-    _wait_devices()
+    _wait_devices(dy, xhat, rstd, weight)
     return apply(custom.MegfbChannelNormBackward(), dy, xhat, rstd, weight.reshape(dy.shape[1]))
 
 
-def _wait_devices():
+def _wait_devices(*inputs):
+    """Wait until every CPU device's queued kernels are done, unless every input is on
+    INLINE_DEVICE (whose kernels ran in order on the thread that will run the operator)."""
     import megengine as mge
     from megengine.core._imperative_rt.common import CompNode
 
+    if inputs and all(str(t.device) == INLINE_DEVICE for t in inputs):
+        return
     mge._full_sync()
     CompNode._sync_all()
+
+
+@contextlib.contextmanager
+def default_device(name):
+    """MegEngine's default device set to `name` inside the block (MegEngine's own setter
+    refuses "cpu:default"), the previous one restored after."""
+    from megengine.core._imperative_rt.common import CompNode
+
+    previous = CompNode._get_default_device()
+    CompNode._set_default_device(name)
+    try:
+        yield name
+    finally:
+        CompNode._set_default_device(previous)
+
+
+def on_inline_device(module):
+    """True when any of the module's tensors lives on INLINE_DEVICE."""
+    return any(str(t.device) == INLINE_DEVICE for _, t in module.named_tensors())

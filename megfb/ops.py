@@ -67,6 +67,13 @@ def constant(key, make, device=None):
     return _CONSTANTS[key, device]
 
 
+def replicate_constants(device):
+    """Every constant made so far, also on `device`: before tracing a model copied there from
+    another device (megfb/graph.py), whose modules were built, and asked, on that one."""
+    for key, source in [(k[0], t) for k, t in _CONSTANTS.items()]:
+        constant(key, source.numpy, device)
+
+
 def elemwise(mode, *inputs):
     return apply(builtin.Elemwise(mode=mode), *inputs)[0]
 

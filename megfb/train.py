@@ -20,7 +20,7 @@ from megengine.autodiff import GradManager
 from megengine.optimizer import Adam, AdamW, clip_grad_norm
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, native
 from .atomic import atomic_output
 from .checkpoint import (initialise_from, is_trainer_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
@@ -314,9 +314,10 @@ SPLIT_READY = ("fbrestormer",)
 def training_cpu_devices(cfg):
     """The CPU devices a training step is split over (megfb/split.py): train.cpu_devices of
     them, by default (null) one per core this process may use (one for architectures not in
-    SPLIT_READY). The first is MegEngine's
-    default device (on CPU "xpux", which runs on cpu0's worker), where the model, optimizer and
-    every other tensor of the run stay; the others are cpu1, cpu2, ..."""
+    SPLIT_READY). The first is MegEngine's inline CPU device "cpu:default" (megfb/native.py
+    INLINE_DEVICE: kernels on the interpreter's thread, so megfb's operators run without
+    waiting for a worker), where the model, optimizer and every other tensor of the run stay;
+    the others are cpu1, cpu2, ... (megfb/split.py)."""
     from .lite import default_workers
 
     count = cfg["train"].get("cpu_devices")
@@ -328,18 +329,19 @@ def training_cpu_devices(cfg):
     if count > 1 and name not in SPLIT_READY:
         raise MegfbError(f"config key 'train.cpu_devices' is {count}, but model '{name}' trains on one "
                          f"device only (split over devices: {', '.join(SPLIT_READY)}); set it to 1 or null")
-    return [mge.get_default_device()] + [f"cpu{i}" for i in range(1, count)]
+    return [native.INLINE_DEVICE] + [f"cpu{i}" for i in range(1, count)]
 
 
 def train(cfg, gpus=1, restart=False):
     """Train from a resolved config; returns a summary dict (best/identity score, paths)."""
     if not mge.is_cuda_available():
         devices = training_cpu_devices(cfg)
-        where = (f"MegEngine device {mge.get_default_device()}" if len(devices) == 1 else
+        where = (f"MegEngine device {devices[0]}" if len(devices) == 1 else
                  f"each batch split over the MegEngine CPU devices {', '.join(devices)}")
         print(f"device: CPU, {where} (no GPU available: training on CPU in a single process"
               + (f"; --gpus {gpus} ignored)" if gpus > 1 else ")"))
-        return run_training(cfg, restart, devices)
+        with native.default_device(devices[0]):  # every tensor of the run made there
+            return run_training(cfg, restart, devices)
     if gpus == 1:
         print(f"device: GPU, MegEngine device {mge.get_default_device()}")
         return run_training(cfg, restart)

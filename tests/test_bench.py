@@ -22,6 +22,9 @@ def test_quick_bench_runs_every_case_and_checks_exactness(tmp_path):
     assert {("train step plain", 8), ("train step fast", 8), (f"lite x{res['workers']}, malloc dflt", 8)} <= cases
     # megfb's native operator is used where it builds, and then measured against MegEngine's kernels
     assert (("train fast, no native", 8) in cases) == (res["native"] == "on")
+    # training runs on the trainer's inline device, compared with the default device's worker
+    assert ("train fast, worker dev", 8) in cases and res["train_device"] == "cpu:default"
+    assert "inline_train" in res["ratios"]
     assert len(res["max_rel_diff"]) == 6 and max(res["max_rel_diff"].values()) < 1e-4
     assert res["peak_gflops"] == max(res["matmul_peak_gflops"], res["conv1x1_peak_gflops"]) > 0
     assert res["all_core_peak_gflops"] > 0
@@ -32,3 +35,4 @@ def test_quick_bench_runs_every_case_and_checks_exactness(tmp_path):
     assert not {"GELU", "POW"} & {p["op"] for p in res["profile_fast"]}
     table = bench.format_table(res)
     assert "speed-up vs plain" in table and "GEMM peak" in table and "all cores" in table
+    assert "inline CPU device cpu:default" in table

@@ -172,3 +172,69 @@ def test_no_native_operator_in_a_dumped_graph():
     for all_steps in (False, True):
         graph = export_graph_bytes(model, (1, 4, 16, 16), all_steps=all_steps)
         assert b"Megfb" not in graph
+
+
+def test_inline_device_steps_equal_the_worker_device_without_waiting(monkeypatch):
+    """On MegEngine's inline CPU device (the trainer's) the operators run without waiting for
+    the devices, and several training steps' gradients equal those on the default device (whose
+    operator calls wait); large enough maps that a missing wait would read unfinished inputs."""
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb.losses import supervised_loss
+    from megfb.model import build_model
+
+    _loaded()
+    rng = np.random.default_rng(1)
+    batches = [[rng.random((4, 4, 48, 48), dtype=np.float32) for _ in range(2)] for _ in range(3)]
+    waits = {"n": 0}
+    real_sync = mge._full_sync
+
+    def counted():
+        waits["n"] += 1
+        real_sync()
+
+    monkeypatch.setattr(mge, "_full_sync", counted)
+    grads, counts = {}, {}
+    for device in ("xpux", native.INLINE_DEVICE):
+        with native.default_device(device):
+            mge.random.seed(0)
+            model = build_model(dict(TINY, num_feats=16))
+            model.train()
+            assert {str(p.device) for p in model.parameters()} == {str(mge.tensor(0.0).device)}
+            opt = mge.optimizer.SGD(model.parameters(), lr=1e-2)
+            gm = GradManager().attach(model.parameters())
+            waits["n"] = 0
+            for noisy, clean in batches:
+                with gm:
+                    loss, _ = supervised_loss(model(mge.tensor(noisy)), mge.tensor(clean),
+                                              {"type": "weighted_l1", "steps": "all"})
+                    gm.backward(loss)
+                grads[device] = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+                opt.step().clear_grad()
+            counts[device] = waits["n"]
+    assert counts[native.INLINE_DEVICE] == 0 and counts["xpux"] > 0, counts
+    for name, g in grads["xpux"].items():
+        np.testing.assert_array_equal(grads[native.INLINE_DEVICE][name], g, err_msg=name)
+
+
+def test_a_model_on_the_inline_device_exports_the_same_graph():
+    """Validation during training exports the trained model, which lives on the inline device:
+    the dumped graph is byte for byte the default-device model's (no "cpu:default" in it)."""
+    import megengine as mge
+
+    from megfb.graph import DumpedGraph, export_graph_bytes
+    from megfb.model import build_model
+
+    mge.random.seed(0)
+    model = build_model(TINY)
+    with native.default_device(native.INLINE_DEVICE):
+        twin = build_model(TINY)
+    twin.load_state_dict(model.state_dict())
+    assert native.on_inline_device(twin) and not native.on_inline_device(model)
+    x = np.random.default_rng(2).random((1, 4, 16, 16), dtype=np.float32)
+    graphs = [export_graph_bytes(m, (1, 4, 16, 16)) for m in (model, twin)]
+    assert b"cpu:default" not in graphs[1]
+    assert graphs[1] == graphs[0], "the same graph, weights named alike"
+    assert native.on_inline_device(twin), "the exported model itself stays where it was"
+    np.testing.assert_array_equal(DumpedGraph(graphs[1])(x), DumpedGraph(graphs[0])(x))

@@ -346,35 +346,39 @@ def test_split_step_equals_the_one_device_step(batch):
     from megfb.split import SplitStep, shares
 
     assert shares(3, 2) == [2, 1] and shares(8, 2) == [4, 4] and shares(1, 2) == [1, 0]
+    assert shares(8, 2, 1.5) == [5, 3] and shares(4, 2, 1.5) == [2, 2] and shares(7, 3, 1.5) == [3, 2, 2]
     rng = np.random.default_rng(batch)
     noisy = rng.random((batch, 4, 16, 16), dtype=np.float32) * 0.5 + 0.1
     clean = rng.random((batch, 4, 16, 16), dtype=np.float32) * 0.5 + 0.1
     loss_cfg = {"type": "weighted_l1", "steps": "all"}
-    home = mge.get_default_device()  # the trainer's first device: "xpux", cpu0's worker
+    from megfb import native
+
+    home = native.INLINE_DEVICE  # the trainer's first device
     results = {}
     for how in ("one", "split"):
-        mge.random.seed(0)
-        model = build_model(TINY_MODEL)
-        model.train()
-        opt = mge.optimizer.SGD(model.parameters(), lr=0.1)
-        if how == "split":
-            step = SplitStep(model, [home, "cpu1"])
-            loss, per_step = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, loss_cfg))
-        else:
-            gm = GradManager().attach(model.parameters())
-            with gm:
-                loss, per_step = supervised_loss(model(mge.tensor(noisy)), mge.tensor(clean), loss_cfg)
-                gm.backward(loss)
-        grads = [p.grad.numpy().copy() for p in model.parameters()]
-        opt.step().clear_grad()
-        if how == "split":
-            step.sync_weights()
-            replica = step.replicas[1]
-            assert all(str(p.device).startswith("cpu1") for p in replica.parameters())
-            for a, b in zip(model.parameters(), replica.parameters()):
-                np.testing.assert_array_equal(a.numpy(), b.numpy())
-        results[how] = (float(loss.item()), [float(s.item()) for s in per_step], grads,
-                        [p.numpy().copy() for p in model.parameters()])
+        with native.default_device(home):
+            mge.random.seed(0)
+            model = build_model(TINY_MODEL)
+            model.train()
+            opt = mge.optimizer.SGD(model.parameters(), lr=0.1)
+            if how == "split":
+                step = SplitStep(model, [home, "cpu1"])
+                loss, per_step = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, loss_cfg))
+            else:
+                gm = GradManager().attach(model.parameters())
+                with gm:
+                    loss, per_step = supervised_loss(model(mge.tensor(noisy)), mge.tensor(clean), loss_cfg)
+                    gm.backward(loss)
+            grads = [p.grad.numpy().copy() for p in model.parameters()]
+            opt.step().clear_grad()
+            if how == "split":
+                step.sync_weights()
+                replica = step.replicas[1]
+                assert all(str(p.device).startswith("cpu1") for p in replica.parameters())
+                for a, b in zip(model.parameters(), replica.parameters()):
+                    np.testing.assert_array_equal(a.numpy(), b.numpy())
+            results[how] = (float(loss.item()), [float(s.item()) for s in per_step], grads,
+                            [p.numpy().copy() for p in model.parameters()])
     one, split = results["one"], results["split"]
     assert split[0] == pytest.approx(one[0], rel=1e-5)
     assert split[1] == pytest.approx(one[1], rel=1e-5)
@@ -389,16 +393,16 @@ def test_training_cpu_devices():
     from megfb.lite import default_workers
     from megfb.train import training_cpu_devices
 
-    assert training_cpu_devices(DEFAULTS) == ["xpux"]  # one device unless asked (experimental split)
+    assert training_cpu_devices(DEFAULTS) == ["cpu:default"]  # one device unless asked (experimental split)
     assert len(training_cpu_devices({"model": {"name": "fbrestormer"}, "train": {"cpu_devices": None}})) == default_workers()
     fb = {"name": "fbrestormer"}
-    assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 1}}) == ["xpux"]
-    assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 2}}) == ["xpux", "cpu1"]
+    assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 1}}) == ["cpu:default"]
+    assert training_cpu_devices({"model": fb, "train": {"cpu_devices": 2}}) == ["cpu:default", "cpu1"]
     for bad in (0, "two", 1.5, True):
         with pytest.raises(MegfbError, match="train.cpu_devices"):
             training_cpu_devices({"model": fb, "train": {"cpu_devices": bad}})
     # architectures whose constants live on the default device only train on one device
     other = {"name": "feedback_model"}
-    assert training_cpu_devices({"model": other, "train": {"cpu_devices": None}}) == ["xpux"]
+    assert training_cpu_devices({"model": other, "train": {"cpu_devices": None}}) == ["cpu:default"]
     with pytest.raises(MegfbError, match="trains on one device only"):
         training_cpu_devices({"model": other, "train": {"cpu_devices": 2}})
