@@ -70,8 +70,8 @@ DEFAULTS = {
         "init_strict": True,  # false: load the keys that fit, list the others
         "progressive": None,  # list of {until: iteration, crop: px, batch_size: n}
         "preview_crops": 3,
-        # CPU only: the batch split over this many MegEngine CPU devices (one worker thread
-        # each, megfb/split.py); null = one per core, 1 = MegEngine's single CPU device.
+        # CPU only: the batch split over this many MegEngine CPU devices (megfb/split.py);
+        # null = one per core, 1 = MegEngine's inline CPU device alone (megfb/native.py).
         # EXPERIMENTAL, off by default: a resumed split run was once not bit-identical to an
         # uninterrupted one (a MegEngine cross-device race suspected), so 1 until explained.
         "cpu_devices": 1,

@@ -10,7 +10,8 @@ thread, without waiting for the kernels still queued on a CPU device's worker th
 cpu1, ...), so a call on such a device first waits for every device. On MegEngine's inline CPU
 device "cpu:default" (INLINE_DEVICE) every kernel runs on that same interpreter thread, in
 order, so nothing is pending and no wait is needed: the trainer trains there (megfb/train.py;
-the waits stalled the interpreter ~100 times a step, x1.24 the step's time).
+each wait stalls the interpreter, which otherwise runs ahead of Python: `make bench`'s row
+"train fast, worker dev" times the step with them).
 
 The library is built with the machine's C++ compiler against the headers shipped in the
 MegEngine wheel, once per source, compiler flags and MegEngine version, into

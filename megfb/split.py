@@ -73,10 +73,11 @@ def copy_module(module, device):
     return move_module(twin, device)
 
 
-# A replica on the home device computes this much faster per sample than one on a worker
-# device, so it takes this much more of the batch: the home device (the trainer's inline one)
-# runs megfb's operators, a worker device MegEngine's kernels (x1.3 the time; see below). With
-# 5 of 8 samples at home instead of 4 a split step took 0.85x the time in a side-by-side run.
+# A replica on the home device computes faster per sample than one on a worker device, so it
+# takes more of the batch: the home device (the trainer's inline one) runs megfb's operators,
+# a worker device MegEngine's kernels. docs/measure_devices.py times the split step for
+# several weights side by side; 1.5 (5 of 8 samples at home) is what it chose on this
+# project's 2-core machine (README, Benchmarks).
 HOME_WEIGHT = 1.5
 
 
