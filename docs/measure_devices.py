@@ -19,10 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import megengine as mge  # noqa: E402
 
 from megfb import native  # noqa: E402
-from megfb.bench import _train_fn  # noqa: E402
-from megfb.losses import supervised_loss  # noqa: E402
+from megfb.bench import _split_train_fn, _train_fn  # noqa: E402
 from megfb.model import build_model  # noqa: E402
-from megfb.split import SplitStep, shares  # noqa: E402
+from megfb.split import shares  # noqa: E402
 
 FAST = {"name": "fbrestormer", "fast": True}
 
@@ -38,20 +37,11 @@ def step_on(device, noisy, clean):
 
 
 def split_on(devices, weight, noisy, clean):
+    """The bench's split step with this home weight, home on devices[0]."""
     with native.default_device(devices[0]):
         mge.random.seed(0)
         model = build_model(FAST)
-        model.train()
-        step = SplitStep(model, devices, home_weight=weight)
-        opt = mge.optimizer.Adam(model.parameters(), lr=1e-4)
-        cfg = {"type": "l1", "steps": "all"}
-
-        def run():
-            loss, _ = step(noisy, clean, lambda out, gt: supervised_loss(out, gt, cfg))
-            opt.step().clear_grad()
-            step.sync_weights()
-            return loss.numpy()
-
+        run = _split_train_fn(model, noisy, clean, devices, FAST, home_weight=weight)
     return lambda: _run_on(devices[0], run)
 
 

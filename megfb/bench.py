@@ -89,16 +89,16 @@ def _predict_fn(model, x, engine):
     return run
 
 
-def _split_train_fn(model, noisy, clean, devices, model_cfg):
+def _split_train_fn(model, noisy, clean, devices, model_cfg, **split_options):
     """The split step (megfb/split.py) on a fast copy of `model`, built from `model_cfg`
-    (devices[0]: the default device), on numpy batches."""
+    (devices[0]: the default device), on numpy batches; split_options go to SplitStep."""
     from .losses import supervised_loss
     from .split import SplitStep
 
     copy = build_model(dict(model_cfg, fast=True))
     copy.load_state_dict(model.state_dict())
     copy.train()
-    step = SplitStep(copy, devices)
+    step = SplitStep(copy, devices, **split_options)
     opt = mge.optimizer.Adam(copy.parameters(), lr=1e-4)
     cfg = {"type": "l1", "steps": "all"}
 
