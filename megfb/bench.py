@@ -319,7 +319,6 @@ def run_bench(repeats=5, quick=False, profile=True, model_cfg=None):
     use_path(model, True)
     row("train fast, worker dev", 8, measure_case(_train_fn(model, noisy, clean), repeats), per="step")
 
-
     _progress("Lite inference again with glibc's malloc thresholds")
     set_malloc(MALLOC_DEFAULT)
     try:

@@ -148,16 +148,25 @@ def channel_norm_backward(dy, xhat, rstd, weight):
     return apply(custom.MegfbChannelNormBackward(), dy, xhat, rstd, weight.reshape(dy.shape[1]))
 
 
-def _wait_devices(*inputs):
-    """Wait until every CPU device's queued kernels are done, unless every input is on
-    INLINE_DEVICE (whose kernels ran in order on the thread that will run the operator)."""
+def wait_all():
+    """Block until every device's queued kernels are done (the interpreter's own sync,
+    mge._full_sync, does not wait for the other devices' workers; CompNode._sync_all does)."""
     import megengine as mge
     from megengine.core._imperative_rt.common import CompNode
 
-    if inputs and all(str(t.device) == INLINE_DEVICE for t in inputs):
-        return
     mge._full_sync()
     CompNode._sync_all()
+
+
+def _inline(tensor):
+    return str(tensor.device) == INLINE_DEVICE
+
+
+def _wait_devices(*inputs):
+    """wait_all(), unless every input is on INLINE_DEVICE (whose kernels ran in order on the
+    thread that will run the operator)."""
+    if not (inputs and all(map(_inline, inputs))):
+        wait_all()
 
 
 @contextlib.contextmanager
@@ -176,4 +185,4 @@ def default_device(name):
 
 def on_inline_device(module):
     """True when any of the module's tensors lives on INLINE_DEVICE."""
-    return any(str(t.device) == INLINE_DEVICE for _, t in module.named_tensors())
+    return any(_inline(t) for _, t in module.named_tensors())

@@ -95,15 +95,10 @@ def use_native(enabled):
     return previous
 
 
-def native_wgrad():
-    """True when the depthwise weight gradient runs as megfb's operator (built on first use).
-    Never inside a trace: a dumped graph holds MegEngine's operators only."""
-    return _NATIVE["on"] and not is_tracing() and native.load()
-
-
-def native_norm():
-    """True when the training LayerNorm runs as megfb's operators (built on first use).
-    Never inside a trace: a dumped graph holds MegEngine's operators only."""
+def native_ops():
+    """True when megfb's operators (the depthwise weight gradient, the training LayerNorm) run
+    instead of MegEngine's (built on first use). Never inside a trace: a dumped graph holds
+    MegEngine's operators only."""
     return _NATIVE["on"] and not is_tracing() and native.load()
 
 
@@ -135,7 +130,7 @@ class _SameConv(Function):
             return dx, dw.transpose(1, 0, 2, 3)
         dx = conv(dy, flipped, p, g)
         k = w.shape[-1]
-        if g == c and w.shape[-2] == k and 2 * p == k - 1 and native_wgrad():
+        if g == c and w.shape[-2] == k and 2 * p == k - 1 and native_ops():
             return dx, native.depthwise_wgrad(x, dy, k, p).reshape(w.shape)
         xt = x.transpose(1, 0, 2, 3).reshape(1, c * b, h, wd)
         dyt = dy.transpose(1, 0, 2, 3).reshape(c, 1, b, dy.shape[2], dy.shape[3])
@@ -290,7 +285,7 @@ class _ChannelNorm(Function):
 def channel_norm(x, weight, bias, training=False):
     """LayerNorm over the channel axis (population variance, eps 1e-5), fast backward; in
     training, megfb's own operators (megfb/native.py) compute it where they are available."""
-    return _ChannelNorm(training and native_norm())(x, weight, bias)
+    return _ChannelNorm(training and native_ops())(x, weight, bias)
 
 
 def norm_folded_into_pointwise(x, norm_weight, norm_bias, weight, bias=None):

@@ -21,14 +21,8 @@ import copy
 import megengine as mge
 import numpy as np
 from megengine.autodiff import GradManager
-from megengine.core._imperative_rt.common import CompNode
 
-
-def wait():
-    """Block until every device's queued kernels are done (the interpreter's own sync,
-    mge._full_sync, does not wait for the other devices' workers; CompNode._sync_all does)."""
-    mge._full_sync()
-    CompNode._sync_all()
+from .native import wait_all as wait
 
 
 def host_copy(tensor, device):
