@@ -3,9 +3,12 @@
 MegEngine's eager CPU device runs every kernel on one worker thread, and its multi-threaded
 devices (`multithread2`, Lite's own thread pool) split few of FBRestormer's ops and spin
 instead (measured: ~180% CPU, no faster). Patches, however, are independent. So the runner
-loads the eval graph (megfb/graph.py, conv+bias+activation fused) into one single-threaded
-Lite network per core and feeds each from its own Python thread: Lite's forward is a ctypes
-call, which releases the GIL, so the networks run truly in parallel, one patch each.
+loads the eval graph (megfb/graph.py, conv+bias+activation fused) into one Lite network per
+core and feeds each from its own Python thread. Each network runs in Lite's CPU inplace mode:
+its kernels run on the thread that calls forward(), a ctypes call that releases the GIL, so
+the networks run truly in parallel, one patch each. (A plain single-threaded Lite network
+hands its kernels to the worker thread of MegEngine's CPU device cpu0, the same one for every
+network: two such networks kept 1.14 cores busy, no faster than one.)
 
 Each network computes a patch exactly as one eager forward of the same graph would (kernels
 chosen by timing, as the eager fast path chooses them); tests/test_infer.py proves the output
@@ -51,7 +54,7 @@ def model_fingerprint(model):
     return digest.hexdigest()
 
 
-def _network(graph, timed=True, threads=1):
+def _network(graph, timed=True):
     import megenginelite as lite
 
     config = lite.LiteConfig()
@@ -61,7 +64,8 @@ def _network(graph, timed=True, threads=1):
     # the first forward's check of every variable took ~10x a forward (3.6 s of CPU at 256x256)
     config.options.var_sanity_check_first_run = False
     net = lite.LiteNetwork(config)
-    net.threads_number = threads
+    # kernels on the calling thread: every network its own core (see the module's docstring)
+    net.enable_cpu_inplace_mode()
     strategy = lite.LiteAlgoSelectStrategy
     # The eager fast path's choice too (megfb/ops.py TIMED): time the optimised kernels only.
     net.set_network_algo_policy(strategy.LITE_ALGO_PROFILE | strategy.LITE_ALGO_OPTIMIZED if timed

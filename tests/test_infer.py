@@ -165,13 +165,16 @@ def test_lite_engine_equals_the_eager_model():
 
 def test_lite_networks_agree_and_follow_new_weights():
     """Every network of a runner computes the same numbers (a patch's result does not depend on
-    which core ran it); changed weights build a new runner."""
+    which core ran it), each on its caller's thread (Lite's CPU inplace mode: networks handing
+    their kernels to cpu0's worker thread ran one at a time); changed weights build a new
+    runner."""
     from megfb import lite
 
     model = _tiny()
     x = np.random.RandomState(5).rand(1, 4, 8, 8).astype(np.float32)
     runner = lite.runner_for(model, x.shape, workers=2)
     nets = [runner._free.get() for _ in range(2)]
+    assert all(net.is_cpu_inplace_mode() for net in nets)
     outs = [lite.LiteRunner._forward(net, x) for net in nets]
     for net in nets:
         runner._free.put(net)
