@@ -137,13 +137,17 @@ def _wait_for_new_checkpoint(proc, path, old_inode=None, timeout=60):
         time.sleep(0.02)
 
 
-def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cpu_devices", [1, 2], ids=["one-device", "split"])
+def test_sigterm_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, cpu_devices):
+    """Ctrl-C, then a power cut, then a resume: the same weights as one uninterrupted run, on
+    one device and with the step split over two (megfb/split.py)."""
     config = tiny_config(tmp_path, iterations=24, val_every=12, ckpt_every=4, ema_decay=0.9)
     # The fast paths let MegEngine pick conv kernels by timing (strategy PROFILE), so two
     # processes may run different kernels and drift apart by float rounding; the plain path's
     # kernels are fixed, which makes a resumed run bit-identical to an uninterrupted one.
     cfg = yaml.safe_load(open(config))
     cfg["model"]["fast"] = False
+    cfg["train"]["cpu_devices"] = cpu_devices
     open(config, "w").write(yaml.safe_dump(cfg))
     latest = tmp_path / "runs" / "tiny" / "latest.mge"
     # SIGTERM (like Ctrl-C): finish the step, save latest, exit 130
