@@ -15,8 +15,8 @@ FBRestormer, MegEngine 1.13, 2 cores: 4 patches in one forward took 0.46 s each 
 one at a time 0.17 s each and 1.6 GB). On a GPU a batch stays a batch.
 
 Engines. "mge": the model's eager forward, one batch after the other (MegEngine's CPU device
-uses one core). "lite", the default on CPU: the model's dumped eval graph in one
-single-threaded MegEngine Lite network per core, fed concurrently (megfb/lite.py), so every
+uses one core). "lite", the default on CPU: the model's dumped eval graph in one MegEngine
+Lite network per core, each running on the thread that feeds it (megfb/lite.py), so every
 core works on its own patch; same outputs within float rounding. Both give the same
 predictions wherever they run (the trainer's validation and `megfb eval` use the same engine).
 """
