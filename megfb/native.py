@@ -123,8 +123,8 @@ def depthwise_wgrad(x, dy, k, pad):
         raise ValueError(f"depthwise_wgrad: a same conv needs an odd k and pad (k - 1) / 2, got k={k}, pad={pad}")
     # MegEngine runs a custom operator's CPU code as soon as its turn comes in the eager
     # interpreter, without waiting for the kernels already queued on a CPU device's worker
-    # thread (which may still be writing x or dy): wait for them first (not on INLINE_DEVICE).
-    _wait_devices(x, dy)
+    # thread (which may still be writing x or dy): _ready waits for them (not on INLINE_DEVICE).
+    x, dy = _ready(x, dy)
     return apply(custom.MegfbDepthwiseWGrad(k=int(k), pad=int(pad)), x, dy)[0]
 
 
@@ -135,8 +135,8 @@ def channel_norm_forward(x, weight, bias):
     from megengine.core.ops import custom
 
     c = x.shape[1]
-    _wait_devices(x, weight, bias)
-    return apply(custom.MegfbChannelNormForward(), x, weight.reshape(c), bias.reshape(c))
+    x, weight, bias = _ready(x, weight.reshape(c), bias.reshape(c))
+    return apply(custom.MegfbChannelNormForward(), x, weight, bias)
 
 
 def channel_norm_backward(dy, xhat, rstd, weight):
@@ -144,8 +144,8 @@ def channel_norm_backward(dy, xhat, rstd, weight):
     from megengine.core._imperative_rt.core2 import apply
     from megengine.core.ops import custom
 
-    _wait_devices(dy, xhat, rstd, weight)
-    return apply(custom.MegfbChannelNormBackward(), dy, xhat, rstd, weight.reshape(dy.shape[1]))
+    dy, xhat, rstd, weight = _ready(dy, xhat, rstd, weight.reshape(dy.shape[1]))
+    return apply(custom.MegfbChannelNormBackward(), dy, xhat, rstd, weight)
 
 
 def wait_all():
@@ -162,11 +162,19 @@ def _inline(tensor):
     return str(tensor.device) == INLINE_DEVICE
 
 
-def _wait_devices(*inputs):
-    """wait_all(), unless every input is on INLINE_DEVICE (whose kernels ran in order on the
-    thread that will run the operator)."""
-    if not (inputs and all(map(_inline, inputs))):
-        wait_all()
+def _ready(*inputs):
+    """The inputs as an operator may read them at once: unchanged when every input is on
+    INLINE_DEVICE (whose kernels ran in order on the thread that will run the operator); else
+    copied by an elementwise op into fresh contiguous tensors and waited for (wait_all). The
+    copy matters: MegEngine hands a custom operator contiguous inputs, and for a strided view
+    (a slice, a transposed gradient) it queues that relayout on the device's worker and runs
+    the operator without waiting for it, so the operator read memory not yet written (zeros or
+    garbage, now and then)."""
+    if inputs and all(map(_inline, inputs)):
+        return inputs
+    inputs = tuple(t * 1 for t in inputs)
+    wait_all()
+    return inputs
 
 
 @contextlib.contextmanager
