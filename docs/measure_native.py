@@ -1,6 +1,7 @@
 """megfb's native operators against MegEngine's kernels, side by side in one process: the
 depthwise weight gradient on FBRestormer's training shapes (batch 8 of 128x128 raw crops), the
-LayerNorm forward + backward, and one whole fast training step at batch 8 (each the median of
+LayerNorm forward + backward, the FFN's gate gelu(x1) * x2 forward + backward, and one whole
+fast training step at batch 8 (each the median of
 repeats after a warm-up; the whole step's two ways take turns).
 
     python docs/measure_native.py [--crop 128] [--repeats 3]
@@ -89,6 +90,22 @@ def main():
 
     t_native, t_mge = both_ways(norm_step, args.repeats)
     print(f"LayerNorm forward + backward, 8x32x{side}x{side}: {t_native * 1e3:8.2f} ms vs "
+          f"{t_mge * 1e3:8.2f} ms (x{t_mge / t_native:.2f})")
+
+    g0 = rng.standard_normal((8, 76, side, side), dtype=np.float32)  # the FFN's 2 x 38 channels
+
+    def gate_step():
+        x = mge.Parameter(g0)
+        gm = GradManager().attach([x])
+
+        def run():
+            with gm:
+                gm.backward(ops.gated_gelu(x, training=True).sum())
+            return x.grad.numpy()
+        return run
+
+    t_native, t_mge = both_ways(gate_step, args.repeats)
+    print(f"FFN gate gelu(x1) * x2 forward + backward, 8x76x{side}x{side}: {t_native * 1e3:8.2f} ms vs "
           f"{t_mge * 1e3:8.2f} ms (x{t_mge / t_native:.2f})")
 
     model = build_model({"name": "fbrestormer"})

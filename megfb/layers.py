@@ -35,8 +35,9 @@ path equal to the plain definition (outputs and gradients). Which code runs when
 | MDTA           | normalise q, k;    | normalise after q k^T; attn     | same; one patch: the product with v |
 |                | attn @ v;          | folded into project_out's       | is a timed 1x1 conv                 |
 |                | project_out        | weight, one matmul with v       |                                     |
-| GDFN           | channel slices     | F.split (its gradient is one    | same                                |
-|                |                    | concat)                         |                                     |
+| GDFN           | channel slices     | gelu(x1) * x2 by megfb's C++    | F.split, GELU as above              |
+|                |                    | operator, one pass each way     |                                     |
+|                |                    | (else F.split, GELU as above)   |                                     |
 | TransformerBlock| norm/attn/norm/ffn| with dilation d > 1 and sizes   | same, pixels moved by one-hot convs |
 |                |                    | divisible by d: the FFN half on |                                     |
 |                |                    | polyphase sub-images (relayout) |                                     |
@@ -297,10 +298,8 @@ class GDFN(M.Module):
         x = self.project_in(x, norm=norm)
         x = self.dwconv.on_phases(x) if on_phases else self.dwconv(x)
         if not self.fast:
-            x1, x2 = x[:, :self.hidden], x[:, self.hidden:]
-        else:  # training and eval: F.split's gradient is one concat, slicing's a fill + set each
-            x1, x2 = F.split(x, 2, axis=1)
-        return self.project_out(self.gelu(x1) * x2)
+            return self.project_out(self.gelu(x[:, :self.hidden]) * x[:, self.hidden:])
+        return self.project_out(ops.gated_gelu(x, training=self.training))  # training and eval
 
 
 class TransformerBlock(M.Module):

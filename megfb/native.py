@@ -4,10 +4,15 @@ The operators: the weight gradient of a stride-1 "same" depthwise conv
 (csrc/depthwise_wgrad.cpp), the largest single cost of a training step on a CPU when MegEngine
 computes it (megfb/ops.py's fallback, a grouped forward conv whose filter is the whole gradient
 map), and the channel LayerNorm's forward and backward for training (csrc/channel_norm.cpp),
-one pass over the map each instead of MegEngine's ~10 elementwise and reduction passes. A
+one pass over the map each instead of MegEngine's ~10 elementwise and reduction passes, and
+the gate of the feed-forward half, gelu(x1) * x2, forward and backward (csrc/gated_gelu.cpp),
+one pass each instead of ~11 and ~10 elementwise passes, a split and a concat, and the
+polyphase split of a map and its inverse (csrc/phases.cpp), row copies instead of MegEngine's
+relayout of a 6-d transpose. A
 custom operator's CPU code runs when the eager interpreter reaches it, on the interpreter's own
 thread, without waiting for the kernels still queued on a CPU device's worker thread (cpu0,
-cpu1, ...), so a call on such a device first waits for every device. On MegEngine's inline CPU
+cpu1, ...), so a call on such a device first copies its inputs into fresh contiguous tensors
+and waits for every device (_ready). On MegEngine's inline CPU
 device "cpu:default" (INLINE_DEVICE) every kernel runs on that same interpreter thread, in
 order, so nothing is pending and no wait is needed: the trainer trains there (megfb/train.py;
 each wait stalls the interpreter, which otherwise runs ahead of Python: `make bench`'s row
@@ -27,8 +32,11 @@ import sys
 import tempfile
 import threading
 
-_SOURCES = ("depthwise_wgrad.cpp", "channel_norm.cpp")
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++14"]
+_SOURCES = ("depthwise_wgrad.cpp", "channel_norm.cpp", "gated_gelu.cpp", "phases.cpp")
+_HEADERS = ("dense.h",)  # included by the sources: part of the library's key
+# -fno-trapping-math: lets the compiler vectorise loops with min/max and rounding (it changes
+# no result; without it only AVX-512 masking vectorised csrc/gated_gelu.cpp's loops)
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c++14"]
 _LOCK = threading.Lock()
 _STATE = {"loaded": None, "error": None}
 # MegEngine's CPU device whose kernels run on the eager interpreter's thread (not a worker's)
@@ -45,13 +53,27 @@ def _library_path():
 
     digest = hashlib.sha256()
     here = os.path.join(os.path.dirname(__file__), "csrc")
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         with open(os.path.join(here, name), "rb") as f:
             digest.update(f.read())
     digest.update(" ".join(_FLAGS).encode())
+    digest.update(_cpu_features().encode())  # -march=native: a build for this CPU only
     digest.update(megengine.__version__.encode())
     digest.update(sys.version.encode())
     return os.path.join(cache_dir(), f"megfb_ops-{digest.hexdigest()[:16]}.so")
+
+
+def _cpu_features():
+    """The CPU's instruction-set flags (Linux), so a cache shared between machines never hands
+    one CPU a library built with -march=native for another (AVX-512 code on an AVX2 CPU)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + " " + " ".join(sorted(flags.split(":", 1)[-1].split()))
 
 
 def _build(target):
@@ -146,6 +168,50 @@ def channel_norm_backward(dy, xhat, rstd, weight):
 
     dy, xhat, rstd, weight = _ready(dy, xhat, rstd, weight.reshape(dy.shape[1]))
     return apply(custom.MegfbChannelNormBackward(), dy, xhat, rstd, weight)
+
+
+def gated_gelu_forward(x):
+    """gelu(x1) * x2 (B, H, h, w) of x's channel halves x1, x2 (x: B, 2H, h, w)."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    if x.ndim != 4 or x.shape[1] % 2:
+        raise ValueError(f"gated_gelu: x needs 4 dimensions and an even channel count, got {tuple(x.shape)}")
+    (x,) = _ready(x)
+    return apply(custom.MegfbGatedGeluForward(), x)[0]
+
+
+def gated_gelu_backward(dy, x):
+    """dx (B, 2H, h, w) of gated_gelu_forward(x) given its output gradient dy (B, H, h, w)."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    dy, x = _ready(dy, x)
+    return apply(custom.MegfbGatedGeluBackward(), dy, x)[0]
+
+
+def space_to_phases(x, d):
+    """x (B, C, H, W) -> (B, C, d H, W / d), the d x d polyphase sub-images stacked along the
+    rows (megfb/ops.py space_to_phases); H and W divisible by d."""
+    return _phases(x, d, split=True)
+
+
+def phases_to_space(x, d):
+    """The inverse of space_to_phases: (B, C, d H, W / d) -> (B, C, H, W)."""
+    return _phases(x, d, split=False)
+
+
+def _phases(x, d, split):
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    d = int(d)
+    divides = (x.shape[2] % d == 0 and x.shape[3] % d == 0) if split else x.shape[2] % (d * d) == 0
+    if x.ndim != 4 or d < 1 or not divides:
+        raise ValueError(f"polyphase {'split' if split else 'merge'} by {d}: shape {tuple(x.shape)} does not divide")
+    (x,) = _ready(x)
+    op = custom.MegfbSpaceToPhases(d=d) if split else custom.MegfbPhasesToSpace(d=d)
+    return apply(op, x)[0]
 
 
 def wait_all():

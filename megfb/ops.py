@@ -96,9 +96,9 @@ def use_native(enabled):
 
 
 def native_ops():
-    """True when megfb's operators (the depthwise weight gradient, the training LayerNorm) run
-    instead of MegEngine's (built on first use). Never inside a trace: a dumped graph holds
-    MegEngine's operators only."""
+    """True when megfb's operators (the depthwise weight gradient, the training LayerNorm, the
+    FFN gate, the polyphase split) run instead of MegEngine's (built on first use). Never
+    inside a trace: a dumped graph holds MegEngine's operators only."""
     return _NATIVE["on"] and not is_tracing() and native.load()
 
 
@@ -196,12 +196,16 @@ def space_to_phases(x, d, by_conv=False):
     by_conv: move the pixels with a stride-d grouped conv whose kernels are one-hot (each
     output is 1 * x + exact zeros, so bit-identical). MegEngine's strided-copy relayout of the
     6-d transpose is ~10x slower than a plain copy; the conv is ~3x faster than it (eval mode,
-    kernel chosen by timing; it has no backward, so training uses the relayout).
+    kernel chosen by timing; it has no backward). Otherwise megfb's row-copy operators
+    (native.space_to_phases, each direction the other's gradient) where they are available,
+    else the relayout.
     """
     b, c, h, w = x.shape
     if by_conv:
         op = builtin.Convolution(stride_h=d, stride_w=d, sparse="group", strategy=TIMED)
         return apply(op, x, phase_picker(c, d, x.device))[0].reshape(b, c, h * d, w // d)
+    if native_ops():
+        return _Phases(d, split=True)(x)
     x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c, h * d, w // d)
 
@@ -214,8 +218,25 @@ def phases_to_space(x, d, by_conv=False):
         op = builtin.ConvolutionBackwardData(stride_h=d, stride_w=d, sparse="group",
                                              strategy=TIMED)
         return apply(op, phase_picker(c, d, x.device), x.reshape(b, c * d * d, h, w))[0]
+    if native_ops():
+        return _Phases(d, split=False)(x)
     x = x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c, h * d, w * d)
+
+
+class _Phases(Function):
+    """space_to_phases (split) or phases_to_space by megfb's operators (csrc/phases.cpp),
+    each the other's gradient: row copies instead of MegEngine's 6-d transpose relayout."""
+
+    def __init__(self, d, split):
+        super().__init__()
+        self.d, self.split = d, split
+
+    def forward(self, x):
+        return (native.space_to_phases if self.split else native.phases_to_space)(x, self.d)
+
+    def backward(self, dy):
+        return (native.phases_to_space if self.split else native.space_to_phases)(dy, self.d)
 
 
 def phase_picker(c, d, device=None):
@@ -364,6 +385,28 @@ class _GELU(Function):
 def fast_gelu(x):
     """F.gelu through vectorised kernels (_GELU)."""
     return _GELU()(x)
+
+
+class _GatedGELU(Function):
+    """gelu(x1) * x2 over the channel halves of x by megfb's operators (csrc/gated_gelu.cpp):
+    the formula of _GELU in one pass each way; the backward recomputes Phi from x."""
+
+    def forward(self, x):
+        self.x = x
+        return native.gated_gelu_forward(x)
+
+    def backward(self, dy):
+        return native.gated_gelu_backward(dy, self.x)
+
+
+def gated_gelu(x, training=False):
+    """GDFN's gate gelu(x1) * x2, x1 and x2 the channel halves of x (B, 2H, h, w); in training,
+    megfb's own operators compute it where they are available, else _GELU and F.split (whose
+    gradient is one concat; slicing's is a fill and a set for each half)."""
+    if training and native_ops():
+        return _GatedGELU()(x)
+    x1, x2 = F.split(x, 2, axis=1)
+    return fast_gelu(x1) * x2
 
 
 # ------------------------------------------------------------------------------- attention

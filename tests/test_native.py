@@ -1,4 +1,4 @@
-"""megfb's own CPU operator (megfb/native.py): equal to MegEngine's fallback and to float64."""
+"""megfb's own CPU operators (megfb/native.py): equal to MegEngine's fallback and to float64."""
 import os
 
 import numpy as np
@@ -161,11 +161,97 @@ def test_channel_norm_forward_and_backward_equal_megengines(shape):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max() + 1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 7, 9), (3, 76, 8, 16), (1, 2, 1, 70)])
+def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
+    """GDFN's gate gelu(x1) * x2 as megfb's operators: y and dx equal to the erf definition in
+    float64 and to the same gate through MegEngine's operators (megfb/ops.py), over the whole
+    range GELU meets (saturated tails included)."""
+    import math
+
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb import ops
+
+    _loaded()
+    rng = np.random.default_rng(shape[1])
+    n = int(np.prod(shape))
+    x0 = rng.permutation(np.concatenate([np.linspace(-60, 60, n // 2), rng.standard_normal(n - n // 2) * 3]))
+    x0 = x0.reshape(shape).astype(np.float32)
+    h = shape[1] // 2
+    up = rng.standard_normal((shape[0], h) + shape[2:]).astype(np.float32)
+    out = {}
+    for on in (True, False):
+        previous = ops.use_native(on)
+        try:
+            x = mge.Parameter(x0)
+            gm = GradManager().attach([x])
+            with gm:
+                y = ops.gated_gelu(x, training=True)
+                gm.backward((y * mge.tensor(up)).sum())
+            out[on] = [t.numpy().copy() for t in (y, x.grad)]
+        finally:
+            ops.use_native(previous)
+    xd = x0.astype(np.float64)
+    x1, x2 = xd[:, :h], xd[:, h:]
+    cdf = 0.5 * np.vectorize(math.erfc)(-x1 / math.sqrt(2))
+    pdf = np.exp(-x1 ** 2 / 2) / math.sqrt(2 * math.pi)
+    truth = [x1 * cdf * x2, np.concatenate([up * x2 * (cdf + x1 * pdf), up * x1 * cdf], axis=1)]
+    scales = [np.maximum(np.abs(x1 * x2), 1.0), np.maximum(np.abs(np.concatenate([up * x2, up * x1], axis=1)), 1.0)]
+    for name, got, want, fallback, scale in zip(("y", "dx"), out[True], truth, out[False], scales):
+        assert got.shape == want.shape, name
+        assert np.max(np.abs(got - want) / scale) < 1e-6, name
+        assert np.max(np.abs(got - fallback) / scale) < 1e-6, name
+
+
+def test_gated_gelu_refuses_an_odd_channel_count():
+    import megengine as mge
+
+    _loaded()
+    with pytest.raises(ValueError, match="even channel count"):
+        native.gated_gelu_forward(mge.tensor(np.ones((1, 3, 4, 4), dtype=np.float32)))
+
+
+@pytest.mark.parametrize("shape,d", [((2, 3, 8, 6), 2), ((1, 4, 9, 12), 3), ((2, 2, 4, 4), 1)])
+def test_polyphase_split_and_merge_equal_megengines_relayout(shape, d):
+    """megfb's polyphase operators: the split and the merge bit-identical to MegEngine's 6-d
+    transpose (megfb/ops.py without them), and each one's gradient the other."""
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb import ops
+
+    _loaded()
+    rng = np.random.default_rng(d)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    b, c, h, w = shape
+    up = rng.standard_normal((b, c, h * d, w // d)).astype(np.float32)
+    out = {}
+    for on in (True, False):
+        previous = ops.use_native(on)
+        try:
+            x = mge.Parameter(x0)
+            gm = GradManager().attach([x])
+            with gm:
+                phases = ops.space_to_phases(x, d)
+                back = ops.phases_to_space(phases * mge.tensor(up), d)
+                gm.backward(back.sum())
+            out[on] = [t.numpy().copy() for t in (phases, back, x.grad)]
+        finally:
+            ops.use_native(previous)
+    for name, got, want in zip(("phases", "merged", "grad"), out[True], out[False]):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    # phase (i, j) of row y, column x is pixel (y d + i, x d + j)
+    np.testing.assert_array_equal(out[True][0][:, :, (d - 1) * (h // d):d * (h // d)], x0[:, :, 0::d, d - 1::d])
+    with pytest.raises(ValueError, match="does not divide"):
+        native.space_to_phases(mge.tensor(x0[:, :, :, :w - 1]), 2 if d == 1 else d)
+
+
 def test_operators_read_strided_views_on_a_worker_device():
     """Each operator given strided views (slices) on MegEngine's default device, whose kernels
     run on a worker thread: equal to the same operator on contiguous copies, every time.
     MegEngine makes such inputs contiguous with a kernel it queues on the worker and then runs
-    the operator at once; without megfb's copy and wait (native._ready) an operator read zeros."""
+    the operator at once; without megfb's copy and wait (native._ready) the gate read zeros."""
     import megengine as mge
 
     _loaded()
@@ -174,8 +260,11 @@ def test_operators_read_strided_views_on_a_worker_device():
     view = (slice(None), slice(None), slice(2, 11), slice(1, 10))
     w, b = (mge.tensor(rng.standard_normal(12).astype(np.float32)) for _ in range(2))
     ops_ = {
+        "gated_gelu_forward": lambda t: native.gated_gelu_forward(t),
+        "gated_gelu_backward": lambda t: native.gated_gelu_backward(t[:, :6], t),
         "channel_norm_forward": lambda t: native.channel_norm_forward(t, w, b)[0],
         "depthwise_wgrad": lambda t: native.depthwise_wgrad(t, t, 3, 1),
+        "phases_to_space": lambda t: native.phases_to_space(t[:, :, :8], 2),
     }
     want = {name: op(mge.tensor(np.ascontiguousarray(big[view]))).numpy() for name, op in ops_.items()}
     for _ in range(10):

@@ -14,34 +14,13 @@
 #include <vector>
 
 #include "megbrain/custom/custom.h"
+#include "dense.h"
 
 CUSTOM_OP_REG_BEGIN(MegfbChannelNorm)
 
 constexpr long TILE = 64;
 
-// t's values as a dense array: t's own memory when it is contiguous, else a copy in buf
-// (up to 4 dimensions, any strides)
-const float* dense(const Tensor& t, std::vector<float>& buf) {
-    if (t.is_contiguous())
-        return t.data<float>();
-    const Shape s = t.shape();
-    const std::vector<ptrdiff_t> st = t.stride();
-    long n[4] = {1, 1, 1, 1}, d[4] = {0, 0, 0, 0};
-    const long nd = static_cast<long>(s.ndim());
-    for (long i = 0; i < nd; ++i) {
-        n[4 - nd + i] = static_cast<long>(s[i]);
-        d[4 - nd + i] = static_cast<long>(st[i]);
-    }
-    buf.resize(n[0] * n[1] * n[2] * n[3]);
-    const float* src = t.data<float>();
-    float* out = buf.data();
-    for (long a = 0; a < n[0]; ++a)
-        for (long b = 0; b < n[1]; ++b)
-            for (long c = 0; c < n[2]; ++c)
-                for (long e = 0; e < n[3]; ++e)
-                    *out++ = src[a * d[0] + b * d[1] + c * d[2] + e * d[3]];
-    return buf.data();
-}
+using megfb::dense;
 
 void fwd_device_infer(const std::vector<Device>& inputs, const Param&, std::vector<Device>& outputs) {
     for (auto& o : outputs)

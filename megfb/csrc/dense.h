@@ -1,0 +1,34 @@
+// megfb custom operators' shared helper: a tensor's values as one dense float array.
+#pragma once
+#include <cstddef>
+#include <vector>
+
+#include "megbrain/custom/custom.h"
+
+namespace megfb {
+
+// t's values as a dense array: t's own memory when it is contiguous, else a copy in buf
+// (up to 4 dimensions, any strides)
+inline const float* dense(const custom::Tensor& t, std::vector<float>& buf) {
+    if (t.is_contiguous())
+        return t.data<float>();
+    const custom::Shape s = t.shape();
+    const std::vector<ptrdiff_t> st = t.stride();
+    long n[4] = {1, 1, 1, 1}, d[4] = {0, 0, 0, 0};
+    const long nd = static_cast<long>(s.ndim());
+    for (long i = 0; i < nd; ++i) {
+        n[4 - nd + i] = static_cast<long>(s[i]);
+        d[4 - nd + i] = static_cast<long>(st[i]);
+    }
+    buf.resize(n[0] * n[1] * n[2] * n[3]);
+    const float* src = t.data<float>();
+    float* out = buf.data();
+    for (long a = 0; a < n[0]; ++a)
+        for (long b = 0; b < n[1]; ++b)
+            for (long c = 0; c < n[2]; ++c)
+                for (long e = 0; e < n[3]; ++e)
+                    *out++ = src[a * d[0] + b * d[1] + c * d[2] + e * d[3]];
+    return buf.data();
+}
+
+}  // namespace megfb
