@@ -161,6 +161,29 @@ def test_channel_norm_forward_and_backward_equal_megengines(shape):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max() + 1e-7, err_msg=name)
 
 
+def _with_and_without_native(x0, forward):
+    """{True: [...], False: [...]}: forward(x)'s outputs and x's gradient of sum(outputs[-1])
+    with megfb's operators on and off (x a Parameter made from x0)."""
+    import megengine as mge
+    from megengine.autodiff import GradManager
+
+    from megfb import ops
+
+    out = {}
+    for on in (True, False):
+        previous = ops.use_native(on)
+        try:
+            x = mge.Parameter(x0)
+            gm = GradManager().attach([x])
+            with gm:
+                outputs = forward(x)
+                gm.backward(outputs[-1].sum())
+            out[on] = [t.numpy().copy() for t in (*outputs, x.grad)]
+        finally:
+            ops.use_native(previous)
+    return out
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 7, 9), (3, 76, 8, 16), (1, 2, 1, 70)])
 def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
     """GDFN's gate gelu(x1) * x2 as megfb's operators: y and dx equal to the erf definition in
@@ -169,7 +192,6 @@ def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
     import math
 
     import megengine as mge
-    from megengine.autodiff import GradManager
 
     from megfb import ops
 
@@ -180,18 +202,9 @@ def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
     x0 = x0.reshape(shape).astype(np.float32)
     h = shape[1] // 2
     up = rng.standard_normal((shape[0], h) + shape[2:]).astype(np.float32)
-    out = {}
-    for on in (True, False):
-        previous = ops.use_native(on)
-        try:
-            x = mge.Parameter(x0)
-            gm = GradManager().attach([x])
-            with gm:
-                y = ops.gated_gelu(x, training=True)
-                gm.backward((y * mge.tensor(up)).sum())
-            out[on] = [t.numpy().copy() for t in (y, x.grad)]
-        finally:
-            ops.use_native(previous)
+    # outputs: y, y * up (whose sum's gradient is dx), dx
+    out = _with_and_without_native(x0, lambda x: (lambda y: (y, y * mge.tensor(up)))(ops.gated_gelu(x, training=True)))
+    out = {on: [v[0], v[2]] for on, v in out.items()}
     xd = x0.astype(np.float64)
     x1, x2 = xd[:, :h], xd[:, h:]
     cdf = 0.5 * np.vectorize(math.erfc)(-x1 / math.sqrt(2))
@@ -217,7 +230,6 @@ def test_polyphase_split_and_merge_equal_megengines_relayout(shape, d):
     """megfb's polyphase operators: the split and the merge bit-identical to MegEngine's 6-d
     transpose (megfb/ops.py without them), and each one's gradient the other."""
     import megengine as mge
-    from megengine.autodiff import GradManager
 
     from megfb import ops
 
@@ -226,19 +238,11 @@ def test_polyphase_split_and_merge_equal_megengines_relayout(shape, d):
     x0 = rng.standard_normal(shape).astype(np.float32)
     b, c, h, w = shape
     up = rng.standard_normal((b, c, h * d, w // d)).astype(np.float32)
-    out = {}
-    for on in (True, False):
-        previous = ops.use_native(on)
-        try:
-            x = mge.Parameter(x0)
-            gm = GradManager().attach([x])
-            with gm:
-                phases = ops.space_to_phases(x, d)
-                back = ops.phases_to_space(phases * mge.tensor(up), d)
-                gm.backward(back.sum())
-            out[on] = [t.numpy().copy() for t in (phases, back, x.grad)]
-        finally:
-            ops.use_native(previous)
+    def forward(x):
+        phases = ops.space_to_phases(x, d)
+        return phases, ops.phases_to_space(phases * mge.tensor(up), d)
+
+    out = _with_and_without_native(x0, forward)
     for name, got, want in zip(("phases", "merged", "grad"), out[True], out[False]):
         np.testing.assert_array_equal(got, want, err_msg=name)
     # phase (i, j) of row y, column x is pixel (y d + i, x d + j)

@@ -22,25 +22,10 @@ constexpr long TILE = 64;
 
 using megfb::dense;
 
-void fwd_device_infer(const std::vector<Device>& inputs, const Param&, std::vector<Device>& outputs) {
-    for (auto& o : outputs)
-        o = inputs[0];
-}
-
 void fwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
     outputs[0] = inputs[0];
     outputs[1] = inputs[0];
     outputs[2] = Shape({inputs[0][0], 1, inputs[0][2], inputs[0][3]});
-}
-
-void fwd_dtype_infer(const std::vector<DType>& inputs, const Param&, std::vector<DType>& outputs) {
-    for (auto& o : outputs)
-        o = inputs[0];
-}
-
-void fwd_format_infer(const std::vector<Format>& inputs, const Param&, std::vector<Format>& outputs) {
-    for (auto& o : outputs)
-        o = inputs[0];
 }
 
 // inputs: x (B, C, H, W), weight (C), bias (C), any strides; outputs: y, xhat, rstd (B, 1, H, W)
@@ -102,10 +87,10 @@ CUSTOM_OP_REG(MegfbChannelNormForward)
         .add_output("y")
         .add_output("xhat")
         .add_output("rstd")
-        .set_device_infer(fwd_device_infer)
+        .set_device_infer(megfb::device_as_first)
         .set_shape_infer(fwd_shape_infer)
-        .set_dtype_infer(fwd_dtype_infer)
-        .set_format_infer(fwd_format_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
         .set_compute(fwd_compute);
 
 void bwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
@@ -176,10 +161,10 @@ CUSTOM_OP_REG(MegfbChannelNormBackward)
         .add_output("dx")
         .add_output("dweight")
         .add_output("dbias")
-        .set_device_infer(fwd_device_infer)
+        .set_device_infer(megfb::device_as_first)
         .set_shape_infer(bwd_shape_infer)
-        .set_dtype_infer(fwd_dtype_infer)
-        .set_format_infer(fwd_format_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
         .set_compute(bwd_compute);
 
 CUSTOM_OP_REG_END(MegfbChannelNorm)

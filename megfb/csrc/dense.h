@@ -1,4 +1,5 @@
-// megfb custom operators' shared helper: a tensor's values as one dense float array.
+// megfb custom operators' shared helpers: a tensor's values as one dense float array, and the
+// device / dtype / format inference of operators whose outputs all follow their first input.
 #pragma once
 #include <cstddef>
 #include <vector>
@@ -29,6 +30,25 @@ inline const float* dense(const custom::Tensor& t, std::vector<float>& buf) {
                 for (long e = 0; e < n[3]; ++e)
                     *out++ = src[a * d[0] + b * d[1] + c * d[2] + e * d[3]];
     return buf.data();
+}
+
+// every output on the first input's device, with its dtype and format
+inline void device_as_first(const std::vector<custom::Device>& inputs, const custom::Param&,
+                            std::vector<custom::Device>& outputs) {
+    for (auto& o : outputs)
+        o = inputs[0];
+}
+
+inline void dtype_as_first(const std::vector<custom::DType>& inputs, const custom::Param&,
+                           std::vector<custom::DType>& outputs) {
+    for (auto& o : outputs)
+        o = inputs[0];
+}
+
+inline void format_as_first(const std::vector<custom::Format>& inputs, const custom::Param&,
+                            std::vector<custom::Format>& outputs) {
+    for (auto& o : outputs)
+        o = inputs[0];
 }
 
 }  // namespace megfb

@@ -76,18 +76,6 @@ void gate_backward(const float* __restrict g, const float* __restrict x1, const 
     }
 }
 
-void device_infer(const std::vector<Device>& inputs, const Param&, std::vector<Device>& outputs) {
-    outputs[0] = inputs[0];
-}
-
-void dtype_infer(const std::vector<DType>& inputs, const Param&, std::vector<DType>& outputs) {
-    outputs[0] = inputs[0];
-}
-
-void format_infer(const std::vector<Format>& inputs, const Param&, std::vector<Format>& outputs) {
-    outputs[0] = inputs[0];
-}
-
 void fwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
     const Shape s = inputs[0];
     outputs[0] = Shape({s[0], s[1] / 2, s[2], s[3]});
@@ -111,10 +99,10 @@ CUSTOM_OP_REG(MegfbGatedGeluForward)
         .set_description("gelu(x1) * x2 over the channel halves of x, forward (megfb)")
         .add_input("x")
         .add_output("y")
-        .set_device_infer(device_infer)
+        .set_device_infer(megfb::device_as_first)
         .set_shape_infer(fwd_shape_infer)
-        .set_dtype_infer(dtype_infer)
-        .set_format_infer(format_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
         .set_compute(fwd_compute);
 
 void bwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
@@ -141,10 +129,10 @@ CUSTOM_OP_REG(MegfbGatedGeluBackward)
         .add_input("dy")
         .add_input("x")
         .add_output("dx")
-        .set_device_infer(device_infer)
+        .set_device_infer(megfb::device_as_first)
         .set_shape_infer(bwd_shape_infer)
-        .set_dtype_infer(dtype_infer)
-        .set_format_infer(format_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
         .set_compute(bwd_compute);
 
 CUSTOM_OP_REG_END(MegfbGatedGelu)

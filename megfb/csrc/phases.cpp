@@ -16,18 +16,6 @@ CUSTOM_OP_REG_BEGIN(MegfbPhases)
 
 using megfb::dense;
 
-void device_infer(const std::vector<Device>& inputs, const Param&, std::vector<Device>& outputs) {
-    outputs[0] = inputs[0];
-}
-
-void dtype_infer(const std::vector<DType>& inputs, const Param&, std::vector<DType>& outputs) {
-    outputs[0] = inputs[0];
-}
-
-void format_infer(const std::vector<Format>& inputs, const Param&, std::vector<Format>& outputs) {
-    outputs[0] = inputs[0];
-}
-
 // split: in (B, C, H, W) -> out (B, C, d H, W / d); merge: the reverse
 void split_shape_infer(const std::vector<Shape>& inputs, const Param& params, std::vector<Shape>& outputs) {
     const size_t d = static_cast<size_t>(params["d"].as<int32_t>());
@@ -78,10 +66,10 @@ CUSTOM_OP_REG(MegfbSpaceToPhases)
         .add_input("x")
         .add_output("y")
         .add_param("d", 2)
-        .set_device_infer(device_infer)
+        .set_device_infer(megfb::device_as_first)
         .set_shape_infer(split_shape_infer)
-        .set_dtype_infer(dtype_infer)
-        .set_format_infer(format_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
         .set_compute(compute<true>);
 
 CUSTOM_OP_REG(MegfbPhasesToSpace)
@@ -89,10 +77,10 @@ CUSTOM_OP_REG(MegfbPhasesToSpace)
         .add_input("x")
         .add_output("y")
         .add_param("d", 2)
-        .set_device_infer(device_infer)
+        .set_device_infer(megfb::device_as_first)
         .set_shape_infer(merge_shape_infer)
-        .set_dtype_infer(dtype_infer)
-        .set_format_infer(format_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
         .set_compute(compute<false>);
 
 CUSTOM_OP_REG_END(MegfbPhases)
