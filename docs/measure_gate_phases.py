@@ -13,7 +13,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import megengine as mge  # noqa: E402
-import megengine.functional as F  # noqa: E402
 
 from megfb import native, ops  # noqa: E402
 from megfb.bench import _train_fn  # noqa: E402
@@ -23,24 +22,15 @@ ORIGINAL = {name: getattr(ops, name) for name in ("gated_gelu", "space_to_phases
 
 
 def without_gate_and_phases():
-    """ops' gate and polyphase functions as they were before those operators."""
-    def gate(x, training=False):
-        x1, x2 = F.split(x, 2, axis=1)
-        return ops.fast_gelu(x1) * x2
-
+    """ops' gate and polyphase functions as they are without those operators (megfb/ops.py's
+    MegEngine paths); the by_conv pixel moves of eval stay as they are."""
     def split(x, d, by_conv=False):
-        if by_conv:
-            return ORIGINAL["space_to_phases"](x, d, by_conv)
-        b, c, h, w = x.shape
-        return x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4).reshape(b, c, h * d, w // d)
+        return ORIGINAL["space_to_phases"](x, d, by_conv) if by_conv else ops.relayout_to_phases(x, d)
 
     def merge(x, d, by_conv=False):
-        if by_conv:
-            return ORIGINAL["phases_to_space"](x, d, by_conv)
-        b, c, hd, w = x.shape
-        h = hd // (d * d)
-        return x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, c, h * d, w * d)
-    return {"gated_gelu": gate, "space_to_phases": split, "phases_to_space": merge}
+        return ORIGINAL["phases_to_space"](x, d, by_conv) if by_conv else ops.relayout_to_space(x, d)
+    return {"gated_gelu": lambda x, training=False: ops.gate_by_megengine(x),
+            "space_to_phases": split, "phases_to_space": merge}
 
 
 def main():

@@ -206,8 +206,11 @@ def _phases(x, d, split):
     from megengine.core.ops import custom
 
     d = int(d)
-    divides = (x.shape[2] % d == 0 and x.shape[3] % d == 0) if split else x.shape[2] % (d * d) == 0
-    if x.ndim != 4 or d < 1 or not divides:
+    if x.ndim != 4 or d < 1:
+        divides = False
+    else:
+        divides = (x.shape[2] % d == 0 and x.shape[3] % d == 0) if split else x.shape[2] % (d * d) == 0
+    if not divides:
         raise ValueError(f"polyphase {'split' if split else 'merge'} by {d}: shape {tuple(x.shape)} does not divide")
     (x,) = _ready(x)
     op = custom.MegfbSpaceToPhases(d=d) if split else custom.MegfbPhasesToSpace(d=d)

@@ -206,6 +206,12 @@ def space_to_phases(x, d, by_conv=False):
         return apply(op, x, phase_picker(c, d, x.device))[0].reshape(b, c, h * d, w // d)
     if native_ops():
         return _Phases(d, split=True)(x)
+    return relayout_to_phases(x, d)
+
+
+def relayout_to_phases(x, d):
+    """space_to_phases through MegEngine's relayout of a 6-d transpose (autodiff's backward)."""
+    b, c, h, w = x.shape
     x = x.reshape(b, c, h // d, d, w // d, d).transpose(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c, h * d, w // d)
 
@@ -220,6 +226,13 @@ def phases_to_space(x, d, by_conv=False):
         return apply(op, phase_picker(c, d, x.device), x.reshape(b, c * d * d, h, w))[0]
     if native_ops():
         return _Phases(d, split=False)(x)
+    return relayout_to_space(x, d)
+
+
+def relayout_to_space(x, d):
+    """phases_to_space through MegEngine's relayout of a 6-d transpose (autodiff's backward)."""
+    b, c, hd, w = x.shape
+    h = hd // (d * d)
     x = x.reshape(b, c, d, d, h, w).transpose(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c, h * d, w * d)
 
@@ -405,6 +418,11 @@ def gated_gelu(x, training=False):
     gradient is one concat; slicing's is a fill and a set for each half)."""
     if training and native_ops():
         return _GatedGELU()(x)
+    return gate_by_megengine(x)
+
+
+def gate_by_megengine(x):
+    """gated_gelu through MegEngine's operators: _GELU on one half, F.split."""
     x1, x2 = F.split(x, 2, axis=1)
     return fast_gelu(x1) * x2
 

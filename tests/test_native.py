@@ -202,9 +202,11 @@ def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
     x0 = x0.reshape(shape).astype(np.float32)
     h = shape[1] // 2
     up = rng.standard_normal((shape[0], h) + shape[2:]).astype(np.float32)
-    # outputs: y, y * up (whose sum's gradient is dx), dx
-    out = _with_and_without_native(x0, lambda x: (lambda y: (y, y * mge.tensor(up)))(ops.gated_gelu(x, training=True)))
-    out = {on: [v[0], v[2]] for on, v in out.items()}
+    def forward(x):
+        y = ops.gated_gelu(x, training=True)
+        return y, y * mge.tensor(up)  # the gradient of the last one's sum is dx
+
+    out = {on: [y, dx] for on, (y, _, dx) in _with_and_without_native(x0, forward).items()}
     xd = x0.astype(np.float64)
     x1, x2 = xd[:, :h], xd[:, h:]
     cdf = 0.5 * np.vectorize(math.erfc)(-x1 / math.sqrt(2))
