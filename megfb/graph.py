@@ -16,7 +16,8 @@ GRAPH_TOLERANCE = 1e-4  # max |graph - eager| on the [0,1] scale
 PATCH_SHAPE = (1, 4, PATCH // 2, PATCH // 2)
 
 
-def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_nonlinearity=False):
+def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_nonlinearity=False,
+                 native_ops=False):
     """Trace the eval-mode model and dump it as a deployable MegEngine graph (weights as consts).
 
     The graph is for the traced shape only (one patch by default, the shape prediction runs on
@@ -28,6 +29,10 @@ def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_n
 
     fuse_nonlinearity: also fuse conv + bias + activation into one operator (the graph the Lite
     runtime of megfb/lite.py runs; same arithmetic).
+
+    native_ops: the graph calls megfb's own inference operators (the FFN gate, the polyphase
+    split and merge; ops.native_in_graph) where they can be loaded. Such a graph loads only in
+    a process that has loaded megfb's library: megfb's Lite runner, never a submission.
     """
     from . import native
 
@@ -40,12 +45,14 @@ def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_n
         with native.default_device("xpux"):
             replicate_constants("xpux")
             twin = copy_module(model, "xpux")
-            export_graph(twin, file, shape, seed, all_steps, fuse_nonlinearity)
+            export_graph(twin, file, shape, seed, all_steps, fuse_nonlinearity, native_ops)
         model.eval()
         return
 
     import megengine as mge
     from megengine import jit
+
+    from .ops import native_in_graph
 
     model.train(all_steps)
 
@@ -55,7 +62,8 @@ def export_graph(model, file, shape=PATCH_SHAPE, seed=0, all_steps=False, fuse_n
     def infer(raw_packed):
         return model(raw_packed)
 
-    infer(mge.tensor(np.random.default_rng(seed).random(shape, dtype=np.float32)))
+    with native_in_graph(native_ops):
+        infer(mge.tensor(np.random.default_rng(seed).random(shape, dtype=np.float32)))
     try:
         infer.dump(file, arg_names=[GRAPH_INPUT], output_names=None if all_steps else [GRAPH_OUTPUT],
                    optimize_for_inference=True, enable_fuse_conv_bias_nonlinearity=fuse_nonlinearity)

@@ -35,12 +35,17 @@ path equal to the plain definition (outputs and gradients). Which code runs when
 | MDTA           | normalise q, k;    | normalise after q k^T; attn     | same; one patch: the product with v |
 |                | attn @ v;          | folded into project_out's       | is a timed 1x1 conv                 |
 |                | project_out        | weight, one matmul with v       |                                     |
-| GDFN           | channel slices     | gelu(x1) * x2 by megfb's C++    | F.split, GELU as above              |
-|                |                    | operator, one pass each way     |                                     |
+| GDFN           | channel slices     | gelu(x1) * x2 by megfb's C++    | F.split, GELU as above (the Lite    |
+|                |                    | operator, one pass each way     | runner's graph: the C++ operator)   |
 |                |                    | (else F.split, GELU as above)   |                                     |
 | TransformerBlock| norm/attn/norm/ffn| with dilation d > 1 and sizes   | same, pixels moved by one-hot convs |
-|                |                    | divisible by d: the FFN half on |                                     |
-|                |                    | polyphase sub-images (relayout) |                                     |
+|                |                    | divisible by d: the FFN half on | (the Lite runner's graph: the C++   |
+|                |                    | polyphase sub-images (row-copy  | row-copy operators)                 |
+|                |                    | operators, else relayout)       |                                     |
+
+The Lite runner (megfb/lite.py) traces its own graph with megfb's operators in it
+(ops.native_in_graph, also the LayerNorm's standardisation); every other traced or dumped
+graph, the submission's among them, holds MegEngine's operators only.
 
 Batch size: the fast paths accept any batch; the prediction path (megfb/infer.py) decides
 how many patches go into one forward (on CPU one at a time, on a GPU whole batches).

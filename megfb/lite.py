@@ -14,6 +14,13 @@ Each network computes a patch exactly as one eager forward of the same graph wou
 chosen by timing, as the eager fast path chooses them); tests/test_infer.py proves the output
 equal to the eager model within float rounding. megfb/infer.py decides when this runs
 (`--engine lite`, the default on CPU).
+
+The runner's graph is megfb's own: traced with megfb's inference operators where they can be
+loaded (ops.native_in_graph: the FFN gate gelu(x1) * x2 in one pass instead of ~11 elementwise
+passes, the polyphase split/merge as row copies, the LayerNorm's standardisation in one pass).
+Lite loads the graph through the same libmegengine_shared that holds the operators, so it runs
+them like any other node, on the caller's thread. Such a graph loads nowhere else; the
+submission's model.mge is traced without them (megfb/graph.py).
 """
 import concurrent.futures
 import hashlib
@@ -77,9 +84,13 @@ def _network(graph, timed=True):
 class LiteRunner:
     """`workers` single-threaded Lite networks of one model, for inputs of one shape."""
 
-    def __init__(self, model, shape, workers=None):
+    def __init__(self, model, shape, workers=None, native_ops=True):
+        from .ops import native_in_graph
+
         buf = io.BytesIO()
-        export_graph(model, buf, tuple(shape), fuse_nonlinearity=True)
+        with native_in_graph(native_ops) as usable:  # False when they cannot be loaded
+            self.native_ops = usable
+        export_graph(model, buf, tuple(shape), fuse_nonlinearity=True, native_ops=self.native_ops)
         self.graph, self.shape = buf.getvalue(), tuple(shape)
         self.workers = default_workers() if workers is None else int(workers)
         self._free = queue.Queue()

@@ -239,7 +239,11 @@ def _ready(*inputs):
     (a slice, a transposed gradient) it queues that relayout on the device's worker and runs
     the operator without waiting for it, so the operator read memory not yet written (zeros or
     garbage, now and then)."""
-    if inputs and all(map(_inline, inputs)):
+    from megengine.jit.tracing import is_tracing
+
+    if is_tracing() or (inputs and all(map(_inline, inputs))):
+        # in a traced graph (ops.native_in_graph) the operator is a node like any other: the
+        # graph's executor runs it after its inputs' kernels
         return inputs
     inputs = tuple(t * 1 for t in inputs)
     wait_all()

@@ -292,6 +292,39 @@ def test_no_native_operator_in_a_dumped_graph():
         assert b"Megfb" not in graph
 
 
+def test_lite_graph_with_the_inference_operators_equals_the_eager_model():
+    """megfb's own Lite runner traces its graph with the gate, the polyphase split/merge and the
+    LayerNorm's standardisation as megfb's operators (ops.native_in_graph): they are in its
+    graph, its outputs equal the MegEngine-only graph's and the eager model's, and the graph
+    traced for anyone else (the default export) still holds none of them."""
+    import megengine as mge
+
+    from megfb import lite, ops
+    from megfb.graph import export_graph_bytes
+    from megfb.model import build_model
+
+    _loaded()
+    mge.random.seed(3)
+    model = build_model(TINY)
+    model.eval()
+    x = np.random.RandomState(6).rand(1, 4, 16, 12).astype(np.float32)
+    eager = model(mge.tensor(x)).numpy()
+    with_ops = lite.LiteRunner(model, x.shape, workers=1)
+    without = lite.LiteRunner(model, x.shape, workers=1, native_ops=False)
+    assert with_ops.native_ops and not without.native_ops
+    for name in (b"MegfbGatedGeluForward", b"MegfbSpaceToPhases", b"MegfbPhasesToSpace",
+                 b"MegfbChannelNormForward"):
+        assert name in with_ops.graph and name not in without.graph, name
+    np.testing.assert_allclose(with_ops(x), without(x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(with_ops(x), eager, rtol=0, atol=1e-5)
+    assert b"Megfb" not in export_graph_bytes(model, x.shape)
+    previous = ops.use_native(False)
+    try:
+        assert not lite.LiteRunner(model, x.shape, workers=1).native_ops
+    finally:
+        ops.use_native(previous)
+
+
 def test_inline_device_steps_equal_the_worker_device_without_waiting(monkeypatch):
     """On MegEngine's inline CPU device (the trainer's) the operators run without waiting for
     the devices, and several training steps' gradients equal those on the default device (whose
