@@ -85,11 +85,10 @@ class LiteRunner:
     """`workers` single-threaded Lite networks of one model, for inputs of one shape."""
 
     def __init__(self, model, shape, workers=None, native_ops=True):
-        from .ops import native_in_graph
+        from .ops import native_graph_usable
 
         buf = io.BytesIO()
-        with native_in_graph(native_ops) as usable:  # False when they cannot be loaded
-            self.native_ops = usable
+        self.native_ops = native_graph_usable(native_ops)  # False when they cannot be loaded
         export_graph(model, buf, tuple(shape), fuse_nonlinearity=True, native_ops=self.native_ops)
         self.graph, self.shape = buf.getvalue(), tuple(shape)
         self.workers = default_workers() if workers is None else int(workers)

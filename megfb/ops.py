@@ -104,15 +104,22 @@ def native_ops():
     return _NATIVE["on"] and not is_tracing() and native.load()
 
 
+def native_graph_usable(enabled=True):
+    """Whether native_in_graph(enabled) would record megfb's operators: asked for, not turned
+    off (use_native), and loadable."""
+    return bool(enabled) and _NATIVE["on"] and native.load()
+
+
 @contextlib.contextmanager
 def native_in_graph(enabled=True):
     """Inside the block, a traced eval-mode forward records megfb's inference operators (the
-    FFN gate, the polyphase split and merge) instead of MegEngine's: for the graph megfb's own
-    Lite runner loads in this process, where the library is loaded (megfb/lite.py). Graphs for
-    anyone else (the submission's model.mge) are traced outside it and hold MegEngine's
-    operators only. Does nothing when the operators cannot be loaded."""
+    FFN gate, the polyphase split and merge, the LayerNorm's standardisation) instead of
+    MegEngine's: for the graph megfb's own Lite runner loads in this process, where the library
+    is loaded (megfb/lite.py). Graphs for anyone else (the submission's model.mge) are traced
+    outside it and hold MegEngine's operators only. Does nothing when the operators cannot be
+    loaded (native_graph_usable)."""
     previous = _NATIVE["graph"]
-    _NATIVE["graph"] = bool(enabled) and _NATIVE["on"] and native.load()
+    _NATIVE["graph"] = native_graph_usable(enabled)
     try:
         yield _NATIVE["graph"]
     finally:
