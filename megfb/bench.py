@@ -13,8 +13,9 @@ layers eagerly through the prediction path (--engine mge); "infer lite" the conf
 predict/submit/eval use by default on CPU (--engine lite: the dumped graph in one Lite
 network per core); "train step split" the batch split over the CPU devices (megfb/split.py),
 experimental and off by default in the trainer. "train fast, no native" repeats the fast training
-step with MegEngine's kernels where megfb's own operators (megfb/native.py: the depthwise
-convs' weight gradients, the LayerNorm) run by default. Training steps run where the trainer
+step with MegEngine's kernels where megfb's own operators (megfb/native.py: the depthwise convs
+and their gradients, the LayerNorm, the FFN gate, the polyphase split; on the trainer's device
+split over every core) run by default. Training steps run where the trainer
 runs them, on MegEngine's inline CPU device "cpu:default" (kernels on the interpreter's thread);
 "train fast, worker dev" repeats the fast step on the default device (cpu0's worker thread),
 where each of megfb's operators must wait for the worker first; "malloc dflt" repeats Lite inference with glibc's thresholds put

@@ -20,12 +20,13 @@ path equal to the plain definition (outputs and gradients). Which code runs when
 |----------------|--------------------|---------------------------------|-------------------------------------|
 | Conv2d         | M.Conv2d           | same_conv: gradients as forward | same_conv, kernel chosen by timing  |
 |                |                    | convs                           |                                     |
-| Pointwise      | M.Conv2d (1x1)     | matmul (a plain GEMM for one    | ConvBias, timed kernel; given a     |
-|                |                    | patch, batched otherwise)       | LayerNorm, its affine part is folded|
-|                |                    |                                 | into this conv's weight and bias    |
-| DepthwiseConv  | M.Conv2d, dilated  | d = 1: same_conv; d > 1: the    | as training, timed kernels; pixels  |
-|                |                    | undilated conv on the d x d     | moved by one-hot stride-d convs     |
-|                |                    | polyphase sub-images (relayout) |                                     |
+| Pointwise      | M.Conv2d (1x1)     | timed 1x1 convs forward and for | ConvBias, timed kernel; given a     |
+|                |                    | the input gradient, a matmul    | LayerNorm, its affine part is folded|
+|                |                    | for the weight gradient         | into this conv's weight and bias    |
+| DepthwiseConv  | M.Conv2d, dilated  | d = 1: megfb's C++ conv (else   | as training; pixels moved by one-hot|
+|                |                    | same_conv); d > 1: the same on  | stride-d convs (the Lite runner's   |
+|                |                    | the d x d polyphase sub-images  | graph: the C++ operators)           |
+|                |                    | (row-copy operators)            |                                     |
 | LeakyReLU      | F.leaky_relu       | max(x, slope x) (two vectorised | same                                |
 |                | (PRELU kernel)     | passes; autodiff backward)      |                                     |
 | GELU           | F.gelu (erf)       | sigmoid(x * poly(x*x)), exact   | same                                |
@@ -128,7 +129,7 @@ class Pointwise(M.Conv2d):
         if not self.fast:
             return super().forward(x if norm is None else norm(x))
         if self.training:
-            return ops.pointwise_matmul(x if norm is None else norm(x), self.weight, self.bias)
+            return ops.pointwise_train(x if norm is None else norm(x), self.weight, self.bias)
         if norm is not None:
             return ops.norm_folded_into_pointwise(x, norm.weight, norm.bias, self.weight, self.bias)
         return ops.pointwise_eval(x, self.weight, self.bias)

@@ -1,14 +1,13 @@
 """megfb's own CPU operators (megfb/csrc), compiled on first use and loaded into MegEngine.
 
-The operators: the weight gradient of a stride-1 "same" depthwise conv
-(csrc/depthwise_wgrad.cpp), the largest single cost of a training step on a CPU when MegEngine
-computes it (megfb/ops.py's fallback, a grouped forward conv whose filter is the whole gradient
-map), and the channel LayerNorm's forward and backward for training (csrc/channel_norm.cpp),
-one pass over the map each instead of MegEngine's ~10 elementwise and reduction passes, and
-the gate of the feed-forward half, gelu(x1) * x2, forward and backward (csrc/gated_gelu.cpp),
-one pass each instead of ~11 and ~10 elementwise passes, a split and a concat, and the
-polyphase split of a map and its inverse (csrc/phases.cpp), row copies instead of MegEngine's
-relayout of a 6-d transpose. A
+The operators: the stride-1 "same" depthwise conv, its input gradient (the same conv with
+rotated kernels) and its weight gradient (csrc/depthwise.cpp; MegEngine's kernels for them were
+the largest single cost of a training step on a CPU), the channel LayerNorm's forward and
+backward for training (csrc/channel_norm.cpp), one pass over the map each instead of
+MegEngine's ~10 elementwise and reduction passes, the gate of the feed-forward half,
+gelu(x1) * x2, forward and backward (csrc/gated_gelu.cpp), one pass each instead of ~11 and
+~10 elementwise passes, a split and a concat, and the polyphase split of a map and its inverse
+(csrc/phases.cpp), row copies instead of MegEngine's relayout of a 6-d transpose. A
 custom operator's CPU code runs when the eager interpreter reaches it, on the interpreter's own
 thread, without waiting for the kernels still queued on a CPU device's worker thread (cpu0,
 cpu1, ...), so a call on such a device first copies its inputs into fresh contiguous tensors
@@ -32,11 +31,11 @@ import sys
 import tempfile
 import threading
 
-_SOURCES = ("depthwise_wgrad.cpp", "channel_norm.cpp", "gated_gelu.cpp", "phases.cpp")
-_HEADERS = ("dense.h",)  # included by the sources: part of the library's key
+_SOURCES = ("depthwise.cpp", "channel_norm.cpp", "gated_gelu.cpp", "phases.cpp")
+_HEADERS = ("dense.h", "simd.h")  # included by the sources: part of the library's key
 # -fno-trapping-math: lets the compiler vectorise loops with min/max and rounding (it changes
 # no result; without it only AVX-512 masking vectorised csrc/gated_gelu.cpp's loops)
-_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c++14"]
+_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c++14", "-pthread"]
 _LOCK = threading.Lock()
 _STATE = {"loaded": None, "error": None}
 # MegEngine's CPU device whose kernels run on the eager interpreter's thread (not a worker's)
@@ -134,20 +133,40 @@ def reason():
     return _STATE["error"]
 
 
-def depthwise_wgrad(x, dy, k, pad):
-    """dw (C, k*k) of a stride-1 same depthwise conv with input x and output gradient dy, both
-    (B, C, H, W): dw[c, i, j] = sum x[b, c, y + i - pad, x + j - pad] * dy[b, c, y, x]."""
+def _same_conv_check(name, k, pad):
+    # checked here: the operator's own check aborts the process from MegEngine's worker
+    if int(k) % 2 != 1 or 2 * int(pad) != int(k) - 1:
+        raise ValueError(f"{name}: a same conv needs an odd k and pad (k - 1) / 2, got k={k}, pad={pad}")
+
+
+def depthwise_conv(x, w, k, pad, share=1, flip=False):
+    """y (B, G, H, W) of a stride-1 same depthwise conv of x (B, G, H, W) with kernels w
+    (G / share, k*k), map g using kernel g // share (share: the polyphase sub-images of one
+    channel); flip: each kernel rotated by 180 degrees (the conv's input gradient)."""
     from megengine.core._imperative_rt.core2 import apply
     from megengine.core.ops import custom
 
-    if int(k) % 2 != 1 or 2 * int(pad) != int(k) - 1:
-        # checked here: the operator's own check aborts the process from MegEngine's worker
-        raise ValueError(f"depthwise_wgrad: a same conv needs an odd k and pad (k - 1) / 2, got k={k}, pad={pad}")
+    _same_conv_check("depthwise_conv", k, pad)
     # MegEngine runs a custom operator's CPU code as soon as its turn comes in the eager
     # interpreter, without waiting for the kernels already queued on a CPU device's worker
-    # thread (which may still be writing x or dy): _ready waits for them (not on INLINE_DEVICE).
+    # thread (which may still be writing x): _ready waits for them (not on INLINE_DEVICE).
+    x, w = _ready(x, w.reshape(-1, int(k) * int(k)))
+    op = custom.MegfbDepthwiseConv(k=int(k), pad=int(pad), share=int(share), flip=int(bool(flip)),
+                                   threads=_threads(x))
+    return apply(op, x, w)[0]
+
+
+def depthwise_wgrad(x, dy, k, pad, share=1):
+    """dw (G / share, k*k) of a stride-1 same depthwise conv with input x and output gradient
+    dy, both (B, G, H, W): dw[c, i, j] = sum over b, the maps g with g // share = c, y and x of
+    x[b, g, y + i - pad, x + j - pad] * dy[b, g, y, x]."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    _same_conv_check("depthwise_wgrad", k, pad)
     x, dy = _ready(x, dy)
-    return apply(custom.MegfbDepthwiseWGrad(k=int(k), pad=int(pad)), x, dy)[0]
+    op = custom.MegfbDepthwiseWGrad(k=int(k), pad=int(pad), share=int(share), threads=_threads(x, dy))
+    return apply(op, x, dy)[0]
 
 
 def channel_norm_forward(x, weight, bias):
@@ -158,7 +177,7 @@ def channel_norm_forward(x, weight, bias):
 
     c = x.shape[1]
     x, weight, bias = _ready(x, weight.reshape(c), bias.reshape(c))
-    return apply(custom.MegfbChannelNormForward(), x, weight, bias)
+    return apply(custom.MegfbChannelNormForward(threads=_threads(x)), x, weight, bias)
 
 
 def channel_norm_backward(dy, xhat, rstd, weight):
@@ -167,7 +186,7 @@ def channel_norm_backward(dy, xhat, rstd, weight):
     from megengine.core.ops import custom
 
     dy, xhat, rstd, weight = _ready(dy, xhat, rstd, weight.reshape(dy.shape[1]))
-    return apply(custom.MegfbChannelNormBackward(), dy, xhat, rstd, weight)
+    return apply(custom.MegfbChannelNormBackward(threads=_threads(dy, xhat)), dy, xhat, rstd, weight)
 
 
 def gated_gelu_forward(x):
@@ -178,7 +197,7 @@ def gated_gelu_forward(x):
     if x.ndim != 4 or x.shape[1] % 2:
         raise ValueError(f"gated_gelu: x needs 4 dimensions and an even channel count, got {tuple(x.shape)}")
     (x,) = _ready(x)
-    return apply(custom.MegfbGatedGeluForward(), x)[0]
+    return apply(custom.MegfbGatedGeluForward(threads=_threads(x)), x)[0]
 
 
 def gated_gelu_backward(dy, x):
@@ -187,7 +206,7 @@ def gated_gelu_backward(dy, x):
     from megengine.core.ops import custom
 
     dy, x = _ready(dy, x)
-    return apply(custom.MegfbGatedGeluBackward(), dy, x)[0]
+    return apply(custom.MegfbGatedGeluBackward(threads=_threads(dy, x)), dy, x)[0]
 
 
 def space_to_phases(x, d):
@@ -213,7 +232,8 @@ def _phases(x, d, split):
     if not divides:
         raise ValueError(f"polyphase {'split' if split else 'merge'} by {d}: shape {tuple(x.shape)} does not divide")
     (x,) = _ready(x)
-    op = custom.MegfbSpaceToPhases(d=d) if split else custom.MegfbPhasesToSpace(d=d)
+    threads = _threads(x)
+    op = custom.MegfbSpaceToPhases(d=d, threads=threads) if split else custom.MegfbPhasesToSpace(d=d, threads=threads)
     return apply(op, x)[0]
 
 
@@ -248,6 +268,34 @@ def _ready(*inputs):
     inputs = tuple(t * 1 for t in inputs)
     wait_all()
     return inputs
+
+
+def threads_available():
+    """The cores this process may run on (MEGFB_THREADS overrides): how many threads megfb's
+    operators split their work over on INLINE_DEVICE."""
+    value = os.environ.get("MEGFB_THREADS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"MEGFB_THREADS must be a whole number of threads, got {value!r}") from None
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _threads(*inputs):
+    """Threads for an operator on `inputs`: every core on INLINE_DEVICE, where MegEngine runs
+    nothing else meanwhile (the interpreter's thread waits for the operator, and MegEngine's
+    own kernels use that one thread only: the second core is otherwise idle in training); one
+    in a traced graph (megfb's Lite runner runs one network per core already) and on a worker
+    device (megfb/split.py's step runs one per core)."""
+    from megengine.jit.tracing import is_tracing
+
+    if is_tracing() or not inputs or not all(map(_inline, inputs)):
+        return 1
+    return threads_available()
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@ backend lives here. Every function below computes exactly what its plain counter
 
 - conv2d with a chosen kernel strategy (`conv`), and convs whose gradients are forward convs
   (`same_conv`): MegEngine's CPU ConvolutionBackwardFilter was over half a training step;
-- 1x1 convs for inference with a timed kernel and fused bias (`pointwise_eval`);
+- 1x1 convs for training with timed kernels (`pointwise_train`) and for inference with a
+  timed kernel and fused bias (`pointwise_eval`);
+- depthwise convs by megfb's C++ operators (`depthwise`);
 - polyphase sub-images for dilated convs (`space_to_phases` / `phases_to_space`);
 - LayerNorm over channels with a hand-written backward (`channel_norm`, `standardise`);
 - GELU from vectorised kernels (`fast_gelu`; MegEngine's erf is scalar code);
@@ -97,8 +99,8 @@ def use_native(enabled):
 
 
 def native_ops():
-    """True when megfb's operators (the depthwise weight gradient, the training LayerNorm, the
-    FFN gate, the polyphase split) run instead of MegEngine's (built on first use). Never
+    """True when megfb's operators (the depthwise conv and its gradients, the training LayerNorm,
+    the FFN gate, the polyphase split) run instead of MegEngine's (built on first use). Never
     inside a trace: a dumped graph holds MegEngine's operators only, except the graph of
     megfb's own Lite runner (native_in_graph)."""
     return _NATIVE["on"] and not is_tracing() and native.load()
@@ -113,7 +115,8 @@ def native_graph_usable(enabled=True):
 @contextlib.contextmanager
 def native_in_graph(enabled=True):
     """Inside the block, a traced eval-mode forward records megfb's inference operators (the
-    FFN gate, the polyphase split and merge, the LayerNorm's standardisation) instead of
+    FFN gate, the polyphase split and merge, the depthwise convs, the LayerNorm's
+    standardisation) instead of
     MegEngine's: for the graph megfb's own Lite runner loads in this process, where the library
     is loaded (megfb/lite.py). Graphs for anyone else (the submission's model.mge) are traced
     outside it and hold MegEngine's operators only. Does nothing when the operators cannot be
@@ -124,6 +127,25 @@ def native_in_graph(enabled=True):
         yield _NATIVE["graph"]
     finally:
         _NATIVE["graph"] = previous
+
+
+_TRAIN = {"pointwise": "conv", "depthwise": "native"}
+
+
+@contextlib.contextmanager
+def training_paths(pointwise="conv", depthwise="native"):
+    """Inside the block, the 1x1 convs run as pointwise_matmul ("matmul") or pointwise_train
+    ("conv", the default), the depthwise convs as MegEngine's convs ("megengine"; their weight
+    gradient stays megfb's operator) or megfb's ("native", the default): for measuring the
+    paths against each other (docs/measure_train_paths.py)."""
+    if pointwise not in ("conv", "matmul") or depthwise not in ("native", "megengine"):
+        raise ValueError(f"training_paths: unknown pointwise={pointwise!r} or depthwise={depthwise!r}")
+    previous = dict(_TRAIN)
+    _TRAIN.update(pointwise=pointwise, depthwise=depthwise)
+    try:
+        yield
+    finally:
+        _TRAIN.update(previous)
 
 
 def native_graph():
@@ -155,8 +177,15 @@ class _SameConv(Function):
         flipped = w[..., ::-1, ::-1].flatten().reshape(w.shape)  # conv2d needs a contiguous filter
         if g == 1:
             dx = conv(dy, flipped.transpose(1, 0, 2, 3), p, 1)
-            dw = conv(x.transpose(1, 0, 2, 3), dy.transpose(1, 0, 2, 3), p, 1)
-            return dx, dw.transpose(1, 0, 2, 3)
+            xt, dyt = x.transpose(1, 0, 2, 3), dy.transpose(1, 0, 2, 3)
+            if dy.shape[1] >= c:
+                dw = conv(xt, dyt, p, 1)  # (c_in, c_out, k, k)
+                return dx, dw.transpose(1, 0, 2, 3)
+            # fewer outputs than inputs (conv_out's 32 -> 4): the same correlation with the
+            # roles swapped has c_in output channels, where MegEngine's kernel is ~5x faster;
+            # it gives the weight gradient rotated by 180 degrees
+            dw = conv(dyt, xt, p, 1)  # (c_out, c_in, k, k), rotated
+            return dx, dw[..., ::-1, ::-1]
         dx = conv(dy, flipped, p, g)
         k = w.shape[-1]
         if g == c and w.shape[-2] == k and 2 * p == k - 1 and native_ops():
@@ -167,9 +196,48 @@ class _SameConv(Function):
 
 
 def same_conv(x, w, bias, padding, groups, tune=False):
-    """Stride-1 "same" conv plus bias, gradients as forward convs (_SameConv)."""
+    """Stride-1 "same" conv plus bias, gradients as forward convs (_SameConv); a depthwise conv
+    with a square kernel by megfb's operator where it is available (depthwise)."""
+    k = w.shape[-1]
+    if groups == x.shape[1] and w.shape[-2] == k and 2 * padding == k - 1 and w.shape[0] == groups:
+        y = depthwise(x, w, k)
+        if y is not None:
+            return y if bias is None else y + bias
     y = _SameConv(padding, groups, tune)(x, w)
     return y if bias is None else y + bias
+
+
+class _Depthwise(Function):
+    """Stride-1 same depthwise conv by megfb's operators (csrc/depthwise.cpp): the forward, the
+    input gradient (the same operator with rotated kernels) and the weight gradient; `share`
+    maps in a row use one kernel (w: (G / share, ...))."""
+
+    def __init__(self, k, share):
+        super().__init__()
+        self.k, self.share = k, share
+
+    def forward(self, x, w):
+        self.x, self.w = x, w
+        return native.depthwise_conv(x, w, self.k, self.k // 2, self.share)
+
+    def backward(self, dy):
+        k, s = self.k, self.share
+        dx = native.depthwise_conv(dy, self.w, k, k // 2, s, flip=True)
+        return dx, native.depthwise_wgrad(self.x, dy, k, k // 2, s).reshape(self.w.shape)
+
+
+def depthwise(x, w, k, share=1):
+    """A stride-1 same depthwise conv of x (B, G, H, W) with odd square kernels w (G / share
+    kernels, any shape holding k*k each; map g uses kernel g // share) by megfb's operators, in
+    training and eval and in the graph of megfb's Lite runner (native_in_graph); None where they
+    are not in use (the caller runs MegEngine's conv) or training_paths(depthwise="megengine")."""
+    if _TRAIN["depthwise"] != "native":
+        return None
+    if native_ops():
+        return _Depthwise(k, share)(x, w)
+    if native_graph():
+        return native.depthwise_conv(x, w, k, k // 2, share)
+    return None
 
 
 def pointwise_eval(x, weight, bias=None):
@@ -185,7 +253,8 @@ def pointwise_eval(x, weight, bias=None):
 
 
 def pointwise_matmul(x, weight, bias=None):
-    """1x1 conv as a matrix product, for training: MegEngine's CPU Conv2d weight gradient is
+    """1x1 conv as a matrix product (megfb's training path before pointwise_train, kept for
+    comparison: training_paths(pointwise="matmul")): MegEngine's CPU Conv2d weight gradient is
     the bottleneck (a 152->152 1x1 conv on 8x64x64: 1.9 s forward+backward as Conv2d, 0.24 s
     as a matmul). One patch: a plain GEMM beats the broadcast batched one (~1.5x)."""
     b, c, h, w = x.shape
@@ -196,6 +265,40 @@ def pointwise_matmul(x, weight, bias=None):
     else:
         y = F.matmul(weight, x.reshape(b, c, h * w))
     y = y.reshape(b, out, h, w)
+    return y if bias is None else y + bias
+
+
+class _PointwiseConv(Function):
+    """1x1 conv for training whose products run where MegEngine is fastest on CPU: the forward
+    and the input gradient (a 1x1 conv with the transposed weight) as convs with kernels chosen
+    by timing (100-150 GFLOP/s on FBRestormer's 8x64x64 training maps, against 60-100 for the
+    batched matmul of pointwise_matmul), the weight gradient as a matmul
+    (MegEngine's own Conv2d weight gradient is its slow ConvolutionBackwardFilter: a 152->152
+    1x1 conv on 8x64x64 took 1.9 s forward+backward as Conv2d, 0.24 s with matmuls)."""
+
+    def forward(self, x, w):
+        self.x, self.w = x, w
+        return conv(x, w, 0, 1, tune=True)
+
+    def backward(self, dy):
+        x, w = self.x, self.w
+        b, c, h, wd = x.shape
+        out = w.shape[0]
+        wt = w.reshape(out, c).transpose(1, 0).reshape(c, out, 1, 1)
+        dx = conv(dy, wt, 0, 1, tune=True)
+        if b == 1:
+            dw = F.matmul(dy.reshape(out, h * wd), x.reshape(c, h * wd), transpose_b=True)
+        else:
+            dw = F.matmul(dy.reshape(b, out, h * wd), x.reshape(b, c, h * wd), transpose_b=True).sum(0)
+        return dx, dw.reshape(w.shape)
+
+
+def pointwise_train(x, weight, bias=None):
+    """1x1 conv for training (_PointwiseConv: timed convs forward and for the input gradient,
+    a matmul for the weight gradient; pointwise_matmul under training_paths(pointwise="matmul"))."""
+    if _TRAIN["pointwise"] == "matmul":
+        return pointwise_matmul(x, weight, bias)
+    y = _PointwiseConv()(x, weight)
     return y if bias is None else y + bias
 
 
@@ -301,6 +404,10 @@ def depthwise_on_phases(x, weight, bias, d, tune=False):
         return same_conv(x, weight, bias, (k - 1) // 2, weight.shape[0], tune)
     b, c, hd, w = x.shape
     dd = d * d
+    y = depthwise(x.reshape(b, c * dd, hd // dd, w), weight, k, share=dd)
+    if y is not None:
+        y = y.reshape(b, c, hd, w)
+        return y if bias is None else y + bias
     phased = F.broadcast_to(weight.reshape(c, 1, 1, 1, k, k), (c, dd, 1, 1, k, k))
     y = same_conv(x.reshape(b, c * dd, hd // dd, w), phased.reshape(c * dd, 1, 1, k, k), None,
                   (k - 1) // 2, c * dd, tune)

@@ -83,7 +83,7 @@ def test_dense_conv_backward_as_forward_convs():
 
 
 @pytest.mark.parametrize("b", [1, 2])
-def test_pointwise_as_matmul(b):
+def test_pointwise_as_timed_convs_and_a_matmul(b):
     assert_fast_equals_plain(_perturb(Pointwise(6, 10)), _x((b, 6, 5, 7)))
     assert_fast_equals_plain(_perturb(Pointwise(6, 3, bias=False)), _x((b, 6, 5, 7)))
 

@@ -45,6 +45,35 @@ def test_depthwise_wgrad_equals_float64_and_the_fallback(shape, k):
     assert np.abs(got - fallback).max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("shape,k,share", [((2, 3, 7, 9), 3, 1), ((3, 5, 16, 13), 5, 1), ((1, 4, 5, 21), 7, 1),
+                                           ((2, 6, 11, 10), 1, 1), ((4, 2, 3, 3), 5, 1), ((2, 8, 6, 35), 5, 4),
+                                           ((1, 6, 9, 17), 3, 2)])
+def test_depthwise_conv_equals_megengines_conv(shape, k, share):
+    """megfb's depthwise conv (kernels as written and rotated; `share` maps per kernel) equals
+    MegEngine's grouped conv with the kernels broadcast; its weight gradient with `share` equals
+    float64 summed over the maps that share a kernel."""
+    import megengine as mge
+
+    from megfb import ops
+
+    _loaded()
+    rng = np.random.default_rng(k + share)
+    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    g, pad = shape[1], (k - 1) // 2
+    w = rng.standard_normal((g // share, k * k)).astype(np.float32)
+    for flip in (False, True):
+        kernels = w.reshape(-1, k, k)[:, ::-1, ::-1] if flip else w.reshape(-1, k, k)
+        full = np.ascontiguousarray(np.repeat(kernels, share, axis=0)).reshape(g, 1, 1, k, k)
+        want = ops.conv(mge.tensor(x), mge.tensor(full), pad, g).numpy()
+        got = native.depthwise_conv(mge.tensor(x), mge.tensor(w), k, pad, share=share, flip=flip).numpy()
+        assert got.shape == x.shape
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), f"flip={flip}"
+    truth = _truth(x, dy, k, pad).reshape(g // share, share, k * k).sum(axis=1)
+    got = native.depthwise_wgrad(mge.tensor(x), mge.tensor(dy), k, pad, share=share).numpy()
+    assert got.shape == (g // share, k * k)
+    assert np.abs(got - truth).max() <= 1e-6 * np.abs(truth).max()
+
+
 def test_depthwise_wgrad_refuses_a_conv_that_is_not_same():
     import megengine as mge
 
@@ -270,6 +299,7 @@ def test_operators_read_strided_views_on_a_worker_device():
         "gated_gelu_backward": lambda t: native.gated_gelu_backward(t[:, :6], t),
         "channel_norm_forward": lambda t: native.channel_norm_forward(t, w, b)[0],
         "depthwise_wgrad": lambda t: native.depthwise_wgrad(t, t, 3, 1),
+        "depthwise_conv": lambda t: native.depthwise_conv(t, t[0, :, :3, :3], 3, 1),
         "phases_to_space": lambda t: native.phases_to_space(t[:, :, :8], 2),
     }
     want = {name: op(mge.tensor(np.ascontiguousarray(big[view]))).numpy() for name, op in ops_.items()}
@@ -277,6 +307,45 @@ def test_operators_read_strided_views_on_a_worker_device():
         strided = mge.tensor(big)[view]
         for name, op in ops_.items():
             np.testing.assert_allclose(op(strided).numpy(), want[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_operators_split_over_threads_equal_one_thread(monkeypatch):
+    """On the inline device the operators split their maps (or pixel tiles) over
+    MEGFB_THREADS threads: the outputs equal one thread's (the sums over maps to rounding), for
+    an uneven split too; traced, or on a worker device, they keep to one thread."""
+    import megengine as mge
+
+    _loaded()
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 10, 12, 20)).astype(np.float32)
+    dy = rng.standard_normal((3, 10, 12, 20)).astype(np.float32)
+    c = rng.standard_normal(10).astype(np.float32)
+    cases = {
+        "depthwise_conv": lambda t, d: native.depthwise_conv(t, t[0, :, :5, :5], 5, 2),
+        "depthwise_conv shared": lambda t, d: native.depthwise_conv(t, t[0, :5, :3, :3], 3, 1, share=2, flip=True),
+        "depthwise_wgrad": lambda t, d: native.depthwise_wgrad(t, d, 3, 1),
+        "depthwise_wgrad shared": lambda t, d: native.depthwise_wgrad(t, d, 5, 2, share=5),
+        "channel_norm_forward": lambda t, d: native.channel_norm_forward(t, mge.tensor(c), mge.tensor(c))[0],
+        "channel_norm_backward": lambda t, d: native.channel_norm_backward(d, t, t[:, :1], mge.tensor(c))[0],
+        "channel_norm_backward dweight": lambda t, d: native.channel_norm_backward(d, t, t[:, :1], mge.tensor(c))[1],
+        "gated_gelu_forward": lambda t, d: native.gated_gelu_forward(t),
+        "gated_gelu_backward": lambda t, d: native.gated_gelu_backward(d[:, :5], t),
+        "space_to_phases": lambda t, d: native.space_to_phases(t, 2),
+        "phases_to_space": lambda t, d: native.phases_to_space(t, 2),
+    }
+    with native.default_device(native.INLINE_DEVICE):
+        results = {}
+        for n in ("1", "2", "3"):
+            monkeypatch.setenv("MEGFB_THREADS", n)
+            assert native._threads(mge.tensor(x)) == int(n)
+            results[n] = {name: op(mge.tensor(x), mge.tensor(dy)).numpy() for name, op in cases.items()}
+    for n in ("2", "3"):
+        for name, want in results["1"].items():
+            np.testing.assert_allclose(results[n][name], want, rtol=1e-6, atol=1e-6, err_msg=f"{name}, {n} threads")
+    assert native._threads(mge.tensor(x)) == 1  # a worker device
+    monkeypatch.setenv("MEGFB_THREADS", "many")
+    with native.default_device(native.INLINE_DEVICE), pytest.raises(ValueError, match="MEGFB_THREADS"):
+        native._threads(mge.tensor(x))
 
 
 def test_no_native_operator_in_a_dumped_graph():
@@ -293,8 +362,8 @@ def test_no_native_operator_in_a_dumped_graph():
 
 
 def test_lite_graph_with_the_inference_operators_equals_the_eager_model():
-    """megfb's own Lite runner traces its graph with the gate, the polyphase split/merge and the
-    LayerNorm's standardisation as megfb's operators (ops.native_in_graph): they are in its
+    """megfb's own Lite runner traces its graph with the gate, the polyphase split/merge, the
+    depthwise convs and the LayerNorm's standardisation as megfb's operators (ops.native_in_graph): they are in its
     graph, its outputs equal the MegEngine-only graph's and the eager model's, and the graph
     traced for anyone else (the default export) still holds none of them."""
     import megengine as mge
@@ -313,7 +382,7 @@ def test_lite_graph_with_the_inference_operators_equals_the_eager_model():
     without = lite.LiteRunner(model, x.shape, workers=1, native_ops=False)
     assert with_ops.native_ops and not without.native_ops
     for name in (b"MegfbGatedGeluForward", b"MegfbSpaceToPhases", b"MegfbPhasesToSpace",
-                 b"MegfbChannelNormForward"):
+                 b"MegfbChannelNormForward", b"MegfbDepthwiseConv"):
         assert name in with_ops.graph and name not in without.graph, name
     np.testing.assert_allclose(with_ops(x), without(x), rtol=0, atol=1e-5)
     np.testing.assert_allclose(with_ops(x), eager, rtol=0, atol=1e-5)

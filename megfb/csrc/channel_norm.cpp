@@ -29,7 +29,7 @@ void fwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector
 }
 
 // inputs: x (B, C, H, W), weight (C), bias (C), any strides; outputs: y, xhat, rstd (B, 1, H, W)
-void fwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
+void fwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
     const Shape s = inputs[0].shape();
     const long B = s[0], C = s[1], HW = s[2] * s[3];
     std::vector<float> bx, bw, bb;
@@ -40,11 +40,13 @@ void fwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Te
     float* xhat = outputs[1].data<float>();
     float* rstd = outputs[2].data<float>();
     const float inv_c = 1.f / static_cast<float>(C);
-    float mean[TILE], var[TILE], r[TILE];
-    for (long b = 0; b < B; ++b) {
-        const float* xb = x + b * C * HW;
-        float *yb = y + b * C * HW, *hb = xhat + b * C * HW;
-        for (long p0 = 0; p0 < HW; p0 += TILE) {
+    const long tiles = (HW + TILE - 1) / TILE;
+    megfb::parallel_for(B * tiles, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
+        float mean[TILE], var[TILE], r[TILE];
+        for (long u = begin; u < end; ++u) {
+            const long b = u / tiles, p0 = (u % tiles) * TILE;
+            const float* xb = x + b * C * HW;
+            float *yb = y + b * C * HW, *hb = xhat + b * C * HW;
             const long n = std::min(TILE, HW - p0);
             std::fill(mean, mean + n, 0.f);
             std::fill(var, var + n, 0.f);
@@ -76,7 +78,7 @@ void fwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Te
                 }
             }
         }
-    }
+    });
 }
 
 CUSTOM_OP_REG(MegfbChannelNormForward)
@@ -87,6 +89,7 @@ CUSTOM_OP_REG(MegfbChannelNormForward)
         .add_output("y")
         .add_output("xhat")
         .add_output("rstd")
+        .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(fwd_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)
@@ -100,7 +103,7 @@ void bwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector
 }
 
 // inputs: dy, xhat (B, C, H, W), rstd (B, 1, H, W), weight (C); outputs: dx, dweight (C), dbias (C)
-void bwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
+void bwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
     const Shape s = inputs[0].shape();
     const long B = s[0], C = s[1], HW = s[2] * s[3];
     std::vector<float> bdy, bh, br, bw;
@@ -112,11 +115,16 @@ void bwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Te
     float* dw = outputs[1].data<float>();
     float* db = outputs[2].data<float>();
     const float inv_c = 1.f / static_cast<float>(C);
-    std::vector<double> dw_acc(C, 0.0), db_acc(C, 0.0);
-    float mg[TILE], mgx[TILE];
-    for (long b = 0; b < B; ++b) {
-        const long off = b * C * HW;
-        for (long p0 = 0; p0 < HW; p0 += TILE) {
+    const long tiles = (HW + TILE - 1) / TILE;
+    const long threads = std::max(1L, std::min<long>(params["threads"].as<int32_t>(), B * tiles));
+    // each part sums dweight and dbias over its tiles; the parts are added in order after
+    std::vector<double> dw_acc(threads * C, 0.0), db_acc(threads * C, 0.0);
+    megfb::parallel_for(B * tiles, threads, [&](long begin, long end, long part) {
+        float mg[TILE], mgx[TILE];
+        double *dwa = dw_acc.data() + part * C, *dba = db_acc.data() + part * C;
+        for (long u = begin; u < end; ++u) {
+            const long b = u / tiles, p0 = (u % tiles) * TILE;
+            const long off = b * C * HW;
             const long n = std::min(TILE, HW - p0);
             std::fill(mg, mg + n, 0.f);
             std::fill(mgx, mgx + n, 0.f);
@@ -132,8 +140,8 @@ void bwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Te
                     sdw += dyc[p] * hc[p];
                     sdb += dyc[p];
                 }
-                dw_acc[c] += sdw;
-                db_acc[c] += sdb;
+                dwa[c] += sdw;
+                dba[c] += sdb;
             }
             const float* r = rstd + b * HW + p0;
             for (long c = 0; c < C; ++c) {
@@ -145,10 +153,15 @@ void bwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Te
                     dxc[p] = (dyc[p] * wc - mg[p] * inv_c - hc[p] * (mgx[p] * inv_c)) * r[p];
             }
         }
-    }
+    });
     for (long c = 0; c < C; ++c) {
-        dw[c] = static_cast<float>(dw_acc[c]);
-        db[c] = static_cast<float>(db_acc[c]);
+        double sw = 0.0, sb = 0.0;
+        for (long t = 0; t < threads; ++t) {
+            sw += dw_acc[t * C + c];
+            sb += db_acc[t * C + c];
+        }
+        dw[c] = static_cast<float>(sw);
+        db[c] = static_cast<float>(sb);
     }
 }
 
@@ -161,6 +174,7 @@ CUSTOM_OP_REG(MegfbChannelNormBackward)
         .add_output("dx")
         .add_output("dweight")
         .add_output("dbias")
+        .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(bwd_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)

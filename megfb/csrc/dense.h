@@ -1,7 +1,9 @@
 // megfb custom operators' shared helpers: a tensor's values as one dense float array, and the
 // device / dtype / format inference of operators whose outputs all follow their first input.
 #pragma once
+#include <algorithm>
 #include <cstddef>
+#include <thread>
 #include <vector>
 
 #include "megbrain/custom/custom.h"
@@ -30,6 +32,25 @@ inline const float* dense(const custom::Tensor& t, std::vector<float>& buf) {
                 for (long e = 0; e < n[3]; ++e)
                     *out++ = src[a * d[0] + b * d[1] + c * d[2] + e * d[3]];
     return buf.data();
+}
+
+// body(begin, end, part) over [0, n) cut into `threads` contiguous parts (at most n), part 0 on
+// the calling thread and each other part on a thread of its own, all joined before returning.
+// megfb's operators get threads > 1 only on MegEngine's inline CPU device, where nothing else
+// runs meanwhile (megfb/native.py threads); parts are fixed by n and threads, so are results.
+template <typename Body>
+void parallel_for(long n, long threads, Body body) {
+    threads = std::max(1L, std::min(threads, n));
+    if (threads == 1) {
+        body(0L, n, 0L);
+        return;
+    }
+    std::vector<std::thread> others;
+    for (long t = 1; t < threads; ++t)
+        others.emplace_back(body, n * t / threads, n * (t + 1) / threads, t);
+    body(0L, n / threads, 0L);
+    for (auto& th : others)
+        th.join();
 }
 
 // every output on the first input's device, with its dtype and format

@@ -82,23 +82,26 @@ void fwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector
 }
 
 // input: x (B, 2H, h, w), any strides; output: y (B, H, h, w)
-void fwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
+void fwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
     const Shape s = inputs[0].shape();
     const long B = s[0], H = s[1] / 2, HW = s[2] * s[3];
     std::vector<float> bx;
     const float* x = dense(inputs[0], bx);
     float* y = outputs[0].data<float>();
-    for (long b = 0; b < B; ++b)
-        for (long c = 0; c < H; ++c) {
+    megfb::parallel_for(B * H, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
+        for (long u = begin; u < end; ++u) {
+            const long b = u / H, c = u % H;
             const float* x1 = x + (b * 2 * H + c) * HW;
             gate_forward(x1, x1 + H * HW, y + (b * H + c) * HW, HW);
         }
+    });
 }
 
 CUSTOM_OP_REG(MegfbGatedGeluForward)
         .set_description("gelu(x1) * x2 over the channel halves of x, forward (megfb)")
         .add_input("x")
         .add_output("y")
+        .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(fwd_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)
@@ -110,18 +113,20 @@ void bwd_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector
 }
 
 // inputs: dy (B, H, h, w), x (B, 2H, h, w), any strides; output: dx (B, 2H, h, w)
-void bwd_compute(const std::vector<Tensor>& inputs, const Param&, std::vector<Tensor>& outputs) {
+void bwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
     const Shape s = inputs[1].shape();
     const long B = s[0], H = s[1] / 2, HW = s[2] * s[3];
     std::vector<float> bdy, bx;
     const float* dy = dense(inputs[0], bdy);
     const float* x = dense(inputs[1], bx);
     float* dx = outputs[0].data<float>();
-    for (long b = 0; b < B; ++b)
-        for (long c = 0; c < H; ++c) {
+    megfb::parallel_for(B * H, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
+        for (long u = begin; u < end; ++u) {
+            const long b = u / H, c = u % H;
             const long i1 = (b * 2 * H + c) * HW, i2 = i1 + H * HW;
             gate_backward(dy + (b * H + c) * HW, x + i1, x + i2, dx + i1, dx + i2, HW);
         }
+    });
 }
 
 CUSTOM_OP_REG(MegfbGatedGeluBackward)
@@ -129,6 +134,7 @@ CUSTOM_OP_REG(MegfbGatedGeluBackward)
         .add_input("dy")
         .add_input("x")
         .add_output("dx")
+        .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(bwd_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)

@@ -57,8 +57,10 @@ void compute(const std::vector<Tensor>& inputs, const Param& params, std::vector
     std::vector<float> buf;
     const float* src = dense(inputs[0], buf);
     float* dst = outputs[0].data<float>();
-    for (long p = 0; p < planes; ++p)
-        plane<SPLIT>(src + p * H * W, dst + p * H * W, H, W, d);
+    megfb::parallel_for(planes, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
+        for (long p = begin; p < end; ++p)
+            plane<SPLIT>(src + p * H * W, dst + p * H * W, H, W, d);
+    });
 }
 
 CUSTOM_OP_REG(MegfbSpaceToPhases)
@@ -66,6 +68,7 @@ CUSTOM_OP_REG(MegfbSpaceToPhases)
         .add_input("x")
         .add_output("y")
         .add_param("d", 2)
+        .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(split_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)
@@ -77,6 +80,7 @@ CUSTOM_OP_REG(MegfbPhasesToSpace)
         .add_input("x")
         .add_output("y")
         .add_param("d", 2)
+        .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(merge_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)
