@@ -405,7 +405,7 @@ def format_table(res):
                  f" / x{rat['infer_fast_eager_speedup_b8']}; training step x{rat['train_speedup']}"
                  + (f" (split over the cores, experimental: x{rat['train_split_speedup']})"
                     if "train_split_speedup" in rat else ""))
-    lines.append(f"megfb's native operators (depthwise weight gradients, training LayerNorm, FFN gate, polyphase split): {res.get('native', 'on')}"
+    lines.append(f"megfb's native operators (depthwise convs and their gradients, LayerNorm, FFN gate, polyphase split): {res.get('native', 'on')}"
                  + (f"; training step without it x{rat['native_train']} the time" if "native_train" in rat else ""))
     if "inline_train" in rat:
         lines.append(f"training steps on MegEngine's inline CPU device {res.get('train_device')} (the trainer's); "
