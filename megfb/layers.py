@@ -30,14 +30,16 @@ path equal to the plain definition (outputs and gradients). Which code runs when
 | LeakyReLU      | F.leaky_relu       | max(x, slope x) (two vectorised | same                                |
 |                | (PRELU kernel)     | passes; autodiff backward)      |                                     |
 | GELU           | F.gelu (erf)       | sigmoid(x * poly(x*x)), exact   | same                                |
-|                |                    | derivative in the backward      |                                     |
+|                |                    | derivative in the backward (by  |                                     |
+|                |                    | megfb's C++ operator)           |                                     |
 | LayerNorm      | mean / F.var       | hand-written backward, one      | same (folded away when a Pointwise  |
 |                |                    | SUM_SQR reduction               | follows it, see Pointwise)          |
 | MDTA           | normalise q, k;    | normalise after q k^T; attn     | same; one patch: the product with v |
 |                | attn @ v;          | folded into project_out's       | is a timed 1x1 conv                 |
 |                | project_out        | weight, one matmul with v       |                                     |
-| GDFN           | channel slices     | gelu(x1) * x2 by megfb's C++    | F.split, GELU as above (the Lite    |
-|                |                    | operator, one pass each way     | runner's graph: the C++ operator)   |
+| GDFN, GFM gate | channel slices     | gelu(x1) * x2 (GFM: x1 *        | same (traced for anyone but megfb's |
+|                |                    | gelu(x2)) by megfb's C++        | Lite runner: F.split, GELU as above)|
+|                |                    | operator, one pass each way     |                                     |
 |                |                    | (else F.split, GELU as above)   |                                     |
 | TransformerBlock| norm/attn/norm/ffn| with dilation d > 1 and sizes   | same, pixels moved by one-hot convs |
 |                |                    | divisible by d: the FFN half on | (the Lite runner's graph: the C++   |
@@ -368,6 +370,8 @@ class SimpleGateFuse(M.Module):
         self.gelu = GELU(fast=fast)
 
     def forward(self, x):
+        if self.fast:
+            return ops.gated_gelu(self.conv1x1(x), training=self.training, swap=True)
         x1, x2 = F.split(self.conv1x1(x), 2, axis=1)
         return self.gelu(x2) * x1
 

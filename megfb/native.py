@@ -5,8 +5,9 @@ rotated kernels) and its weight gradient (csrc/depthwise.cpp; MegEngine's kernel
 the largest single cost of a training step on a CPU), the channel LayerNorm's forward and
 backward for training (csrc/channel_norm.cpp), one pass over the map each instead of
 MegEngine's ~10 elementwise and reduction passes, the gate of the feed-forward half,
-gelu(x1) * x2, forward and backward (csrc/gated_gelu.cpp), one pass each instead of ~11 and
-~10 elementwise passes, a split and a concat, and the polyphase split of a map and its inverse
+gelu(x1) * x2 (and the GFM's x1 * gelu(x2)), forward and backward, and GELU alone
+(csrc/gated_gelu.cpp), one pass each instead of ~11 and ~10 elementwise passes, a split and a
+concat, and the polyphase split of a map and its inverse
 (csrc/phases.cpp), row copies instead of MegEngine's relayout of a 6-d transpose. A
 custom operator's CPU code runs when the eager interpreter reaches it, on the interpreter's own
 thread, without waiting for the kernels still queued on a CPU device's worker thread (cpu0,
@@ -189,24 +190,45 @@ def channel_norm_backward(dy, xhat, rstd, weight):
     return apply(custom.MegfbChannelNormBackward(threads=_threads(dy, xhat)), dy, xhat, rstd, weight)
 
 
-def gated_gelu_forward(x):
-    """gelu(x1) * x2 (B, H, h, w) of x's channel halves x1, x2 (x: B, 2H, h, w)."""
+def gated_gelu_forward(x, swap=False):
+    """gelu(x1) * x2 (B, H, h, w) of x's channel halves x1, x2 (x: B, 2H, h, w); swap:
+    x1 * gelu(x2)."""
     from megengine.core._imperative_rt.core2 import apply
     from megengine.core.ops import custom
 
     if x.ndim != 4 or x.shape[1] % 2:
         raise ValueError(f"gated_gelu: x needs 4 dimensions and an even channel count, got {tuple(x.shape)}")
     (x,) = _ready(x)
-    return apply(custom.MegfbGatedGeluForward(threads=_threads(x)), x)[0]
+    return apply(custom.MegfbGatedGeluForward(swap=int(bool(swap)), threads=_threads(x)), x)[0]
 
 
-def gated_gelu_backward(dy, x):
-    """dx (B, 2H, h, w) of gated_gelu_forward(x) given its output gradient dy (B, H, h, w)."""
+def gated_gelu_backward(dy, x, swap=False):
+    """dx (B, 2H, h, w) of gated_gelu_forward(x, swap) given its output gradient dy (B, H, h, w)."""
     from megengine.core._imperative_rt.core2 import apply
     from megengine.core.ops import custom
 
     dy, x = _ready(dy, x)
-    return apply(custom.MegfbGatedGeluBackward(threads=_threads(dy, x)), dy, x)[0]
+    return apply(custom.MegfbGatedGeluBackward(swap=int(bool(swap)), threads=_threads(dy, x)), dy, x)[0]
+
+
+def gelu_forward(x):
+    """gelu(x) = x Phi(x) elementwise (the formula of gated_gelu_forward)."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    if x.ndim > 4:
+        raise ValueError(f"gelu: at most 4 dimensions, got {tuple(x.shape)}")
+    (x,) = _ready(x)
+    return apply(custom.MegfbGeluForward(threads=_threads(x)), x)[0]
+
+
+def gelu_backward(dy, x):
+    """dx of gelu_forward(x) given its output gradient dy (x's shape)."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    dy, x = _ready(dy, x)
+    return apply(custom.MegfbGeluBackward(threads=_threads(dy, x)), dy, x)[0]
 
 
 def space_to_phases(x, d):

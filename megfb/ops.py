@@ -11,7 +11,8 @@ backend lives here. Every function below computes exactly what its plain counter
 - depthwise convs by megfb's C++ operators (`depthwise`);
 - polyphase sub-images for dilated convs (`space_to_phases` / `phases_to_space`);
 - LayerNorm over channels with a hand-written backward (`channel_norm`, `standardise`);
-- GELU from vectorised kernels (`fast_gelu`; MegEngine's erf is scalar code);
+- GELU from vectorised kernels (`fast_gelu`; MegEngine's erf is scalar code), and the gates
+  gelu(x1) * x2 and x1 * gelu(x2) (`gated_gelu`), by megfb's operators where available;
 - the attention helpers (`head_mask`).
 """
 import contextlib
@@ -100,7 +101,7 @@ def use_native(enabled):
 
 def native_ops():
     """True when megfb's operators (the depthwise conv and its gradients, the training LayerNorm,
-    the FFN gate, the polyphase split) run instead of MegEngine's (built on first use). Never
+    the gates and GELU, the polyphase split) run instead of MegEngine's (built on first use). Never
     inside a trace: a dumped graph holds MegEngine's operators only, except the graph of
     megfb's own Lite runner (native_in_graph)."""
     return _NATIVE["on"] and not is_tracing() and native.load()
@@ -115,7 +116,7 @@ def native_graph_usable(enabled=True):
 @contextlib.contextmanager
 def native_in_graph(enabled=True):
     """Inside the block, a traced eval-mode forward records megfb's inference operators (the
-    FFN gate, the polyphase split and merge, the depthwise convs, the LayerNorm's
+    gates and GELU, the polyphase split and merge, the depthwise convs, the LayerNorm's
     standardisation) instead of
     MegEngine's: for the graph megfb's own Lite runner loads in this process, where the library
     is loaded (megfb/lite.py). Graphs for anyone else (the submission's model.mge) are traced
@@ -540,39 +541,61 @@ class _GELU(Function):
         return dy * elemwise("FUSE_MUL_ADD3", x, density, self.phi)
 
 
+class _NativeGELU(Function):
+    """gelu(x) by megfb's operators (csrc/gated_gelu.cpp): _GELU's formula in one pass each way."""
+
+    def forward(self, x):
+        self.x = x
+        return native.gelu_forward(x)
+
+    def backward(self, dy):
+        return native.gelu_backward(dy, self.x)
+
+
 def fast_gelu(x):
-    """F.gelu through vectorised kernels (_GELU)."""
+    """F.gelu through vectorised kernels: megfb's operator where it is available (and in the
+    graph of megfb's Lite runner, native_in_graph), else _GELU's MegEngine operators."""
+    if native_ops() and x.ndim <= 4:
+        return _NativeGELU()(x)
+    if native_graph() and x.ndim <= 4:
+        return native.gelu_forward(x)
     return _GELU()(x)
 
 
 class _GatedGELU(Function):
-    """gelu(x1) * x2 over the channel halves of x by megfb's operators (csrc/gated_gelu.cpp):
-    the formula of _GELU in one pass each way; the backward recomputes Phi from x."""
+    """gelu(x1) * x2 over the channel halves of x by megfb's operators (csrc/gated_gelu.cpp;
+    swap: x1 * gelu(x2)): the formula of _GELU in one pass each way; the backward recomputes
+    Phi from x."""
+
+    def __init__(self, swap=False):
+        super().__init__()
+        self.swap = swap
 
     def forward(self, x):
         self.x = x
-        return native.gated_gelu_forward(x)
+        return native.gated_gelu_forward(x, self.swap)
 
     def backward(self, dy):
-        return native.gated_gelu_backward(dy, self.x)
+        return native.gated_gelu_backward(dy, self.x, self.swap)
 
 
-def gated_gelu(x, training=False):
-    """GDFN's gate gelu(x1) * x2, x1 and x2 the channel halves of x (B, 2H, h, w); in training,
-    megfb's own operators compute it where they are available (and in the graph of megfb's
-    Lite runner, native_in_graph), else _GELU and F.split (whose gradient is one concat;
-    slicing's is a fill and a set for each half)."""
-    if training and native_ops():
-        return _GatedGELU()(x)
+def gated_gelu(x, training=False, swap=False):
+    """GDFN's gate gelu(x1) * x2, x1 and x2 the channel halves of x (B, 2H, h, w) (swap: the
+    GFM's x1 * gelu(x2)); megfb's own operators compute it where they are available (and in
+    the graph of megfb's Lite runner, native_in_graph), else _GELU and F.split (whose gradient
+    is one concat; slicing's is a fill and a set for each half). `training` is kept for the
+    callers; both modes take the same path."""
+    if native_ops():
+        return _GatedGELU(swap)(x)
     if native_graph():
-        return native.gated_gelu_forward(x)
-    return gate_by_megengine(x)
+        return native.gated_gelu_forward(x, swap)
+    return gate_by_megengine(x, swap)
 
 
-def gate_by_megengine(x):
+def gate_by_megengine(x, swap=False):
     """gated_gelu through MegEngine's operators: _GELU on one half, F.split."""
     x1, x2 = F.split(x, 2, axis=1)
-    return fast_gelu(x1) * x2
+    return x1 * _GELU()(x2) if swap else _GELU()(x1) * x2
 
 
 # ------------------------------------------------------------------------------- attention

@@ -212,23 +212,31 @@ def _gelu_reference(x):
     return np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
 
 
-def test_fast_gelu_matches_erf_definition():
-    x = np.concatenate([np.linspace(-60, 60, 24001), np.linspace(-6, 6, 12001)]).astype(np.float32)
-    ref = _gelu_reference(x)
-    fast = gelu(mge.tensor(x), fast=True).numpy()
-    plain = gelu(mge.tensor(x), fast=False).numpy()
-    scale = np.maximum(np.abs(x), 1.0)
-    # as close to the float64 truth as MegEngine's own erf-based GELU (both ~5e-7 here)
-    assert np.max(np.abs(fast - ref) / scale) < 2e-7 * 4
-    assert np.max(np.abs(fast - ref) / scale) <= 2 * np.max(np.abs(plain - ref) / scale) + 1e-7
-    # gradient: the exact derivative Phi(x) + x * pdf(x)
-    xt = mge.tensor(x)
-    gm = GradManager().attach([xt])
-    with gm:
-        gm.backward(gelu(xt, fast=True).sum())
-    x64 = x.astype(np.float64)
-    want = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x64]) + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
-    assert np.max(np.abs(xt.grad.numpy() - want)) < 1e-6
+@pytest.mark.parametrize("native", [True, False])
+def test_fast_gelu_matches_erf_definition(native):
+    """The fast GELU, by megfb's operator and by MegEngine's (use_native(False))."""
+    from megfb.ops import use_native
+
+    previous = use_native(native)
+    try:
+        x = np.concatenate([np.linspace(-60, 60, 24001), np.linspace(-6, 6, 12001)]).astype(np.float32)
+        ref = _gelu_reference(x)
+        fast = gelu(mge.tensor(x), fast=True).numpy()
+        plain = gelu(mge.tensor(x), fast=False).numpy()
+        scale = np.maximum(np.abs(x), 1.0)
+        # as close to the float64 truth as MegEngine's own erf-based GELU (both ~5e-7 here)
+        assert np.max(np.abs(fast - ref) / scale) < 2e-7 * 4
+        assert np.max(np.abs(fast - ref) / scale) <= 2 * np.max(np.abs(plain - ref) / scale) + 1e-7
+        # gradient: the exact derivative Phi(x) + x * pdf(x)
+        xt = mge.tensor(x)
+        gm = GradManager().attach([xt])
+        with gm:
+            gm.backward(gelu(xt, fast=True).sum())
+        x64 = x.astype(np.float64)
+        want = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x64]) + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
+        assert np.max(np.abs(xt.grad.numpy() - want)) < 1e-6
+    finally:
+        use_native(previous)
 
 
 def test_gelu_polynomial_is_the_documented_fit():

@@ -213,11 +213,12 @@ def _with_and_without_native(x0, forward):
     return out
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 7, 9), (3, 76, 8, 16), (1, 2, 1, 70)])
-def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
-    """GDFN's gate gelu(x1) * x2 as megfb's operators: y and dx equal to the erf definition in
-    float64 and to the same gate through MegEngine's operators (megfb/ops.py), over the whole
-    range GELU meets (saturated tails included)."""
+@pytest.mark.parametrize("shape,swap", [((2, 6, 7, 9), False), ((3, 76, 8, 16), False), ((1, 2, 1, 70), False),
+                                        ((2, 6, 7, 9), True), ((1, 64, 5, 8), True)])
+def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape, swap):
+    """GDFN's gate gelu(x1) * x2 (swap: the GFM's x1 * gelu(x2)) as megfb's operators: y and dx
+    equal to the erf definition in float64 and to the same gate through MegEngine's operators
+    (megfb/ops.py), over the whole range GELU meets (saturated tails included)."""
     import math
 
     import megengine as mge
@@ -232,12 +233,14 @@ def test_gated_gelu_forward_and_backward_equal_float64_and_megengines(shape):
     h = shape[1] // 2
     up = rng.standard_normal((shape[0], h) + shape[2:]).astype(np.float32)
     def forward(x):
-        y = ops.gated_gelu(x, training=True)
+        y = ops.gated_gelu(x, training=True, swap=swap)
         return y, y * mge.tensor(up)  # the gradient of the last one's sum is dx
 
     out = {on: [y, dx] for on, (y, _, dx) in _with_and_without_native(x0, forward).items()}
+    if swap:  # the same formulas with the halves' roles exchanged
+        out = {on: [y, np.concatenate([dx[:, h:], dx[:, :h]], axis=1)] for on, (y, dx) in out.items()}
     xd = x0.astype(np.float64)
-    x1, x2 = xd[:, :h], xd[:, h:]
+    x1, x2 = (xd[:, h:], xd[:, :h]) if swap else (xd[:, :h], xd[:, h:])
     cdf = 0.5 * np.vectorize(math.erfc)(-x1 / math.sqrt(2))
     pdf = np.exp(-x1 ** 2 / 2) / math.sqrt(2 * math.pi)
     truth = [x1 * cdf * x2, np.concatenate([up * x2 * (cdf + x1 * pdf), up * x1 * cdf], axis=1)]
@@ -330,6 +333,9 @@ def test_operators_split_over_threads_equal_one_thread(monkeypatch):
         "channel_norm_backward dweight": lambda t, d: native.channel_norm_backward(d, t, t[:, :1], mge.tensor(c))[1],
         "gated_gelu_forward": lambda t, d: native.gated_gelu_forward(t),
         "gated_gelu_backward": lambda t, d: native.gated_gelu_backward(d[:, :5], t),
+        "gated_gelu_backward swapped": lambda t, d: native.gated_gelu_backward(d[:, :5], t, swap=True),
+        "gelu_forward": lambda t, d: native.gelu_forward(t),
+        "gelu_backward": lambda t, d: native.gelu_backward(d, t),
         "space_to_phases": lambda t, d: native.space_to_phases(t, 2),
         "phases_to_space": lambda t, d: native.phases_to_space(t, 2),
     }
@@ -382,7 +388,7 @@ def test_lite_graph_with_the_inference_operators_equals_the_eager_model():
     without = lite.LiteRunner(model, x.shape, workers=1, native_ops=False)
     assert with_ops.native_ops and not without.native_ops
     for name in (b"MegfbGatedGeluForward", b"MegfbSpaceToPhases", b"MegfbPhasesToSpace",
-                 b"MegfbChannelNormForward", b"MegfbDepthwiseConv"):
+                 b"MegfbChannelNormForward", b"MegfbDepthwiseConv", b"MegfbGeluForward"):
         assert name in with_ops.graph and name not in without.graph, name
     np.testing.assert_allclose(with_ops(x), without(x), rtol=0, atol=1e-5)
     np.testing.assert_allclose(with_ops(x), eager, rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
 // megfb custom CPU operators: the gate of Restormer's GDFN, y = gelu(x1) * x2, where x1 and x2
-// are the two channel halves of x (B, 2H, h, w), for training (megfb/ops.py gated_gelu).
+// are the two channel halves of x (B, 2H, h, w) (megfb/ops.py gated_gelu; swap = 1: the GFM's
+// gate x1 * gelu(x2)), and GELU on its own (MegfbGelu*, the skip fusion's):
 //
 //   gelu(v) = v Phi(v), Phi(v) = sigmoid(v * poly(v * v))   (megfb/ops.py GELU_LOGIT_POLY)
 //   forward:  y = x1 Phi(x1) x2
@@ -88,11 +89,12 @@ void fwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::ve
     std::vector<float> bx;
     const float* x = dense(inputs[0], bx);
     float* y = outputs[0].data<float>();
+    const long g = params["swap"].as<int32_t>() ? H * HW : 0;  // offset of the half through gelu
     megfb::parallel_for(B * H, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
         for (long u = begin; u < end; ++u) {
             const long b = u / H, c = u % H;
-            const float* x1 = x + (b * 2 * H + c) * HW;
-            gate_forward(x1, x1 + H * HW, y + (b * H + c) * HW, HW);
+            const float* x0 = x + (b * 2 * H + c) * HW;
+            gate_forward(x0 + g, x0 + H * HW - g, y + (b * H + c) * HW, HW);
         }
     });
 }
@@ -101,6 +103,7 @@ CUSTOM_OP_REG(MegfbGatedGeluForward)
         .set_description("gelu(x1) * x2 over the channel halves of x, forward (megfb)")
         .add_input("x")
         .add_output("y")
+        .add_param("swap", 0)
         .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(fwd_shape_infer)
@@ -120,10 +123,13 @@ void bwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::ve
     const float* dy = dense(inputs[0], bdy);
     const float* x = dense(inputs[1], bx);
     float* dx = outputs[0].data<float>();
+    const bool swap = params["swap"].as<int32_t>() != 0;
     megfb::parallel_for(B * H, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
         for (long u = begin; u < end; ++u) {
             const long b = u / H, c = u % H;
-            const long i1 = (b * 2 * H + c) * HW, i2 = i1 + H * HW;
+            long i1 = (b * 2 * H + c) * HW, i2 = i1 + H * HW;  // the half through gelu, the other
+            if (swap)
+                std::swap(i1, i2);
             gate_backward(dy + (b * H + c) * HW, x + i1, x + i2, dx + i1, dx + i2, HW);
         }
     });
@@ -134,11 +140,87 @@ CUSTOM_OP_REG(MegfbGatedGeluBackward)
         .add_input("dy")
         .add_input("x")
         .add_output("dx")
+        .add_param("swap", 0)
         .add_param("threads", 1)
         .set_device_infer(megfb::device_as_first)
         .set_shape_infer(bwd_shape_infer)
         .set_dtype_infer(megfb::dtype_as_first)
         .set_format_infer(megfb::format_as_first)
         .set_compute(bwd_compute);
+
+// GELU alone: y = x Phi(x), dx = dy (Phi(x) + x pdf(x)), over the whole tensor in chunks
+constexpr long CHUNK = 4096;
+
+void gelu_forward(const float* __restrict x, float* __restrict y, long n) {
+    for (long p = 0; p < n; ++p)
+        y[p] = x[p] * phi(x[p]);
+}
+
+void gelu_backward(const float* __restrict g, const float* __restrict x, float* __restrict dx, long n) {
+    for (long p = 0; p < n; ++p) {
+        const float v = x[p];
+        dx[p] = g[p] * (phi(v) + v * exp_f(-0.5f * v * v) * INV_SQRT_2PI);
+    }
+}
+
+long numel(const Tensor& t) {
+    const Shape s = t.shape();
+    long n = 1;
+    for (size_t i = 0; i < s.ndim(); ++i)
+        n *= static_cast<long>(s[i]);
+    return n;
+}
+
+void same_shape_infer(const std::vector<Shape>& inputs, const Param&, std::vector<Shape>& outputs) {
+    outputs[0] = inputs[0];
+}
+
+// input: x, any shape and strides; output: y
+void gelu_fwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
+    const long n = numel(inputs[0]);
+    std::vector<float> bx;
+    const float* x = dense(inputs[0], bx);
+    float* y = outputs[0].data<float>();
+    megfb::parallel_for((n + CHUNK - 1) / CHUNK, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
+        for (long u = begin; u < end; ++u)
+            gelu_forward(x + u * CHUNK, y + u * CHUNK, std::min(CHUNK, n - u * CHUNK));
+    });
+}
+
+// inputs: dy, x (the same shape), any strides; output: dx
+void gelu_bwd_compute(const std::vector<Tensor>& inputs, const Param& params, std::vector<Tensor>& outputs) {
+    const long n = numel(inputs[1]);
+    std::vector<float> bdy, bx;
+    const float* dy = dense(inputs[0], bdy);
+    const float* x = dense(inputs[1], bx);
+    float* dx = outputs[0].data<float>();
+    megfb::parallel_for((n + CHUNK - 1) / CHUNK, params["threads"].as<int32_t>(), [&](long begin, long end, long) {
+        for (long u = begin; u < end; ++u)
+            gelu_backward(dy + u * CHUNK, x + u * CHUNK, dx + u * CHUNK, std::min(CHUNK, n - u * CHUNK));
+    });
+}
+
+CUSTOM_OP_REG(MegfbGeluForward)
+        .set_description("gelu(x), forward (megfb)")
+        .add_input("x")
+        .add_output("y")
+        .add_param("threads", 1)
+        .set_device_infer(megfb::device_as_first)
+        .set_shape_infer(same_shape_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
+        .set_compute(gelu_fwd_compute);
+
+CUSTOM_OP_REG(MegfbGeluBackward)
+        .set_description("gelu(x), backward (megfb)")
+        .add_input("dy")
+        .add_input("x")
+        .add_output("dx")
+        .add_param("threads", 1)
+        .set_device_infer(megfb::device_as_first)
+        .set_shape_infer(same_shape_infer)
+        .set_dtype_infer(megfb::dtype_as_first)
+        .set_format_infer(megfb::format_as_first)
+        .set_compute(gelu_bwd_compute);
 
 CUSTOM_OP_REG_END(MegfbGatedGelu)
