@@ -1,5 +1,6 @@
 """The Lite inference runner (megfb/lite.py) with and without megfb's operators in its graph
-(the FFN gate, the polyphase split/merge, the LayerNorm's standardisation; ops.native_in_graph),
+(the gates and GELU, the depthwise convs, the polyphase split/merge, the LayerNorm's
+standardisation; ops.native_in_graph),
 side by side in one process: one network per core, each fed by its own thread, on random
 256x256 patches of the untrained model. The two runners take turns, round after round; per
 runner the median round, in seconds per patch, with the cores kept busy, and the largest
