@@ -11,8 +11,9 @@
 // gradient less. Here each (batch, channel) map is copied once into a zero-bordered buffer, so
 // the inner loops have no bounds checks; the conv computes R output rows together (each
 // vector loaded from the buffer feeds every output row that reads it, from registers), the
-// weight gradient sums k products per loaded vector of dy, one tap row at a time. Built and loaded by
-// megfb/native.py; tests/test_native.py checks it against MegEngine's conv.
+// weight gradient sums k products per loaded vector of dy, one tap row at a time. Maps are split
+// over `threads` threads (dense.h parallel_for). Built and loaded by megfb/native.py;
+// tests/test_native.py checks both against MegEngine's conv and float64.
 #include <algorithm>
 #include <vector>
 
