@@ -5,12 +5,8 @@ operator, largest first, with the wall time of the step and the share the kernel
     python docs/profile_train.py [--crop 128] [--top 25]
 """
 import argparse
-import collections
-import glob
-import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -18,30 +14,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import megengine as mge  # noqa: E402
-from megengine.utils.profiler import Profiler  # noqa: E402
 
 from megfb import native  # noqa: E402
-from megfb.bench import _train_fn, use_path  # noqa: E402
+from megfb.bench import _train_fn, kernel_totals, use_path  # noqa: E402
 from megfb.model import build_model  # noqa: E402
-
-
-def kernel_totals(folder):
-    events = []
-    for path in glob.glob(os.path.join(folder, "*.json")):
-        with open(path) as f:
-            data = json.load(f)
-        events += data["traceEvents"] if isinstance(data, dict) else data
-    totals, counts, open_at = collections.Counter(), collections.Counter(), {}
-    for ev in events:
-        if ev.get("cat") != "Kernel":
-            continue
-        key = (ev.get("tid"), ev["name"])
-        if ev["ph"] == "B":
-            open_at[key] = ev["ts"]
-        elif ev["ph"] == "E" and key in open_at:
-            totals[ev["name"]] += ev["ts"] - open_at.pop(key)
-            counts[ev["name"]] += 1
-    return totals, counts
 
 
 def main():
@@ -64,10 +40,7 @@ def main():
         t = time.perf_counter()
         step()
         wall = time.perf_counter() - t
-        with tempfile.TemporaryDirectory() as folder:
-            with Profiler(path=folder):
-                step()
-            totals, counts = kernel_totals(folder)
+        totals, counts = kernel_totals(step)
     whole = sum(totals.values()) / 1e6
     print(f"step {wall:.3f} s unprofiled; kernels {whole:.3f} s in the profiled step ({whole / wall:.0%})")
     for name, us in totals.most_common(args.top):

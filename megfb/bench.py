@@ -187,14 +187,14 @@ def measure_case(fn, repeats, warmup=1):
     return sec, peak, busy, hwm
 
 
-def profile_ops(model, x, top=12):
-    """Per-operator time of one forward pass, from MegEngine's own profiler."""
+def kernel_totals(run):
+    """(total microseconds, calls) per operator name of the kernels MegEngine's profiler records
+    while run() runs (Counters)."""
     from megengine.utils.profiler import Profiler
 
-    model(x).numpy()
     with tempfile.TemporaryDirectory() as folder:
         with Profiler(path=folder):
-            model(x).numpy()
+            run()
         events = []
         for path in glob.glob(os.path.join(folder, "*.json")):
             with open(path) as f:
@@ -210,6 +210,13 @@ def profile_ops(model, x, top=12):
         elif ev["ph"] == "E" and key in open_at:
             totals[ev["name"]] += ev["ts"] - open_at.pop(key)
             counts[ev["name"]] += 1
+    return totals, counts
+
+
+def profile_ops(model, x, top=12):
+    """Per-operator time of one forward pass, from MegEngine's own profiler."""
+    model(x).numpy()
+    totals, counts = kernel_totals(lambda: model(x).numpy())
     whole = sum(totals.values()) or 1.0
     return [
         {"op": name, "ms": round(us / 1e3, 3), "share": round(us / whole, 3), "calls": counts[name]}
