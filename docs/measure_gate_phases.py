@@ -29,7 +29,7 @@ def without_gate_and_phases():
 
     def merge(x, d, by_conv=False):
         return ORIGINAL["phases_to_space"](x, d, by_conv) if by_conv else ops.relayout_to_space(x, d)
-    return {"gated_gelu": lambda x, training=False: ops.gate_by_megengine(x),
+    return {"gated_gelu": lambda x, swap=False: ops.gate_by_megengine(x, swap),
             "space_to_phases": split, "phases_to_space": merge}
 
 

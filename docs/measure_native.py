@@ -100,7 +100,7 @@ def main():
 
         def run():
             with gm:
-                gm.backward(ops.gated_gelu(x, training=True).sum())
+                gm.backward(ops.gated_gelu(x).sum())
             return x.grad.numpy()
         return run
 

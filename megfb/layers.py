@@ -307,7 +307,7 @@ class GDFN(M.Module):
         x = self.dwconv.on_phases(x) if on_phases else self.dwconv(x)
         if not self.fast:
             return self.project_out(self.gelu(x[:, :self.hidden]) * x[:, self.hidden:])
-        return self.project_out(ops.gated_gelu(x, training=self.training))  # training and eval
+        return self.project_out(ops.gated_gelu(x))  # training and eval
 
 
 class TransformerBlock(M.Module):
@@ -371,7 +371,7 @@ class SimpleGateFuse(M.Module):
 
     def forward(self, x):
         if self.fast:
-            return ops.gated_gelu(self.conv1x1(x), training=self.training, swap=True)
+            return ops.gated_gelu(self.conv1x1(x), swap=True)
         x1, x2 = F.split(self.conv1x1(x), 2, axis=1)
         return self.gelu(x2) * x1
 

@@ -579,12 +579,11 @@ class _GatedGELU(Function):
         return native.gated_gelu_backward(dy, self.x, self.swap)
 
 
-def gated_gelu(x, training=False, swap=False):
+def gated_gelu(x, swap=False):
     """GDFN's gate gelu(x1) * x2, x1 and x2 the channel halves of x (B, 2H, h, w) (swap: the
-    GFM's x1 * gelu(x2)); megfb's own operators compute it where they are available (and in
-    the graph of megfb's Lite runner, native_in_graph), else _GELU and F.split (whose gradient
-    is one concat; slicing's is a fill and a set for each half). `training` is kept for the
-    callers; both modes take the same path."""
+    GFM's x1 * gelu(x2)), in training and eval alike; megfb's own operators compute it where
+    they are available (and in the graph of megfb's Lite runner, native_in_graph), else _GELU
+    and F.split (whose gradient is one concat; slicing's is a fill and a set for each half)."""
     if native_ops():
         return _GatedGELU(swap)(x)
     if native_graph():
