@@ -140,95 +140,70 @@ def _same_conv_check(name, k, pad):
         raise ValueError(f"{name}: a same conv needs an odd k and pad (k - 1) / 2, got k={k}, pad={pad}")
 
 
+def _apply(name, inputs, **params):
+    """The outputs of megfb's operator `name` with `params` on `inputs`, made ready for it
+    (_ready: MegEngine runs a custom operator's CPU code as soon as its turn comes in the eager
+    interpreter, without waiting for the kernels already queued on a CPU device's worker
+    thread, which may still be writing an input) and split over _threads(inputs) threads."""
+    from megengine.core._imperative_rt.core2 import apply
+    from megengine.core.ops import custom
+
+    threads = _threads(*inputs)
+    return apply(getattr(custom, name)(threads=threads, **params), *_ready(*inputs))
+
+
 def depthwise_conv(x, w, k, pad, share=1, flip=False):
     """y (B, G, H, W) of a stride-1 same depthwise conv of x (B, G, H, W) with kernels w
     (G / share, k*k), map g using kernel g // share (share: the polyphase sub-images of one
     channel); flip: each kernel rotated by 180 degrees (the conv's input gradient)."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
     _same_conv_check("depthwise_conv", k, pad)
-    # MegEngine runs a custom operator's CPU code as soon as its turn comes in the eager
-    # interpreter, without waiting for the kernels already queued on a CPU device's worker
-    # thread (which may still be writing x): _ready waits for them (not on INLINE_DEVICE).
-    x, w = _ready(x, w.reshape(-1, int(k) * int(k)))
-    op = custom.MegfbDepthwiseConv(k=int(k), pad=int(pad), share=int(share), flip=int(bool(flip)),
-                                   threads=_threads(x))
-    return apply(op, x, w)[0]
+    return _apply("MegfbDepthwiseConv", (x, w.reshape(-1, int(k) * int(k))),
+                  k=int(k), pad=int(pad), share=int(share), flip=int(bool(flip)))[0]
 
 
 def depthwise_wgrad(x, dy, k, pad, share=1):
     """dw (G / share, k*k) of a stride-1 same depthwise conv with input x and output gradient
     dy, both (B, G, H, W): dw[c, i, j] = sum over b, the maps g with g // share = c, y and x of
     x[b, g, y + i - pad, x + j - pad] * dy[b, g, y, x]."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
     _same_conv_check("depthwise_wgrad", k, pad)
-    x, dy = _ready(x, dy)
-    op = custom.MegfbDepthwiseWGrad(k=int(k), pad=int(pad), share=int(share), threads=_threads(x, dy))
-    return apply(op, x, dy)[0]
+    return _apply("MegfbDepthwiseWGrad", (x, dy), k=int(k), pad=int(pad), share=int(share))[0]
 
 
 def channel_norm_forward(x, weight, bias):
     """LayerNorm over the channels of x (B, C, H, W), eps 1e-5: (y, xhat, rstd), with rstd
     (B, 1, H, W); weight and bias have C elements."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
     c = x.shape[1]
-    x, weight, bias = _ready(x, weight.reshape(c), bias.reshape(c))
-    return apply(custom.MegfbChannelNormForward(threads=_threads(x)), x, weight, bias)
+    return _apply("MegfbChannelNormForward", (x, weight.reshape(c), bias.reshape(c)))
 
 
 def channel_norm_backward(dy, xhat, rstd, weight):
     """(dx, dweight, dbias) of channel_norm_forward's y, dweight and dbias with C elements."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
-    dy, xhat, rstd, weight = _ready(dy, xhat, rstd, weight.reshape(dy.shape[1]))
-    return apply(custom.MegfbChannelNormBackward(threads=_threads(dy, xhat)), dy, xhat, rstd, weight)
+    return _apply("MegfbChannelNormBackward", (dy, xhat, rstd, weight.reshape(dy.shape[1])))
 
 
 def gated_gelu_forward(x, swap=False):
     """gelu(x1) * x2 (B, H, h, w) of x's channel halves x1, x2 (x: B, 2H, h, w); swap:
     x1 * gelu(x2)."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
     if x.ndim != 4 or x.shape[1] % 2:
         raise ValueError(f"gated_gelu: x needs 4 dimensions and an even channel count, got {tuple(x.shape)}")
-    (x,) = _ready(x)
-    return apply(custom.MegfbGatedGeluForward(swap=int(bool(swap)), threads=_threads(x)), x)[0]
+    return _apply("MegfbGatedGeluForward", (x,), swap=int(bool(swap)))[0]
 
 
 def gated_gelu_backward(dy, x, swap=False):
     """dx (B, 2H, h, w) of gated_gelu_forward(x, swap) given its output gradient dy (B, H, h, w)."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
-    dy, x = _ready(dy, x)
-    return apply(custom.MegfbGatedGeluBackward(swap=int(bool(swap)), threads=_threads(dy, x)), dy, x)[0]
+    return _apply("MegfbGatedGeluBackward", (dy, x), swap=int(bool(swap)))[0]
 
 
 def gelu_forward(x):
     """gelu(x) = x Phi(x) elementwise (the formula of gated_gelu_forward)."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
     if x.ndim > 4:
         raise ValueError(f"gelu: at most 4 dimensions, got {tuple(x.shape)}")
-    (x,) = _ready(x)
-    return apply(custom.MegfbGeluForward(threads=_threads(x)), x)[0]
+    return _apply("MegfbGeluForward", (x,))[0]
 
 
 def gelu_backward(dy, x):
     """dx of gelu_forward(x) given its output gradient dy (x's shape)."""
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
-    dy, x = _ready(dy, x)
-    return apply(custom.MegfbGeluBackward(threads=_threads(dy, x)), dy, x)[0]
+    return _apply("MegfbGeluBackward", (dy, x))[0]
 
 
 def space_to_phases(x, d):
@@ -243,9 +218,6 @@ def phases_to_space(x, d):
 
 
 def _phases(x, d, split):
-    from megengine.core._imperative_rt.core2 import apply
-    from megengine.core.ops import custom
-
     d = int(d)
     if x.ndim != 4 or d < 1:
         divides = False
@@ -253,10 +225,7 @@ def _phases(x, d, split):
         divides = (x.shape[2] % d == 0 and x.shape[3] % d == 0) if split else x.shape[2] % (d * d) == 0
     if not divides:
         raise ValueError(f"polyphase {'split' if split else 'merge'} by {d}: shape {tuple(x.shape)} does not divide")
-    (x,) = _ready(x)
-    threads = _threads(x)
-    op = custom.MegfbSpaceToPhases(d=d, threads=threads) if split else custom.MegfbPhasesToSpace(d=d, threads=threads)
-    return apply(op, x)[0]
+    return _apply("MegfbSpaceToPhases" if split else "MegfbPhasesToSpace", (x,), d=d)[0]
 
 
 def wait_all():
