@@ -104,7 +104,8 @@ def main():
     args = parser.parse_args()
     if args.time:
         return time_steps(args.rounds)
-    print(f"MegEngine {mge.__version__}; {args.backwards} backwards per case, each compared with the first")
+    print(f"MegEngine {mge.__version__}; {args.backwards} backwards per case, "
+          "each compared with the first")
     for device in args.devices:
         for case in args.cases:
             start = time.time()

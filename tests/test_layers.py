@@ -145,7 +145,8 @@ def test_whole_model_fast_equals_plain(cfg):
     assert_fast_equals_plain(model, np.abs(_x((2, 4, 16, 16))) * 0.2)
 
 
-@pytest.mark.parametrize("y_shape, bias_shape", [((2, 5, 6, 7), (1, 5, 1, 1)), ((3, 4, 5), (3, 1, 5))])
+@pytest.mark.parametrize("y_shape, bias_shape",
+                         [((2, 5, 6, 7), (1, 5, 1, 1)), ((3, 4, 5), (3, 1, 5))])
 def test_add_bias_equals_the_broadcast_add(y_shape, bias_shape):
     """ops.add_bias (a bias added to a custom Function's output) gives y + bias and MegEngine's
     own gradients for it: bit-equal for a conv's (1, C, 1, 1) bias, whose sum runs in the same
@@ -196,7 +197,7 @@ def test_repeated_backwards_give_equal_gradients_on_a_worker_device():
             for name, g in grads.items():
                 if not np.array_equal(g, first[name]):
                     differing.setdefault(name, []).append(i)
-    assert not differing, f"gradients that differ from the first backward's (at backward #): {differing}"
+    assert not differing, f"gradients unlike the first backward's (at backward #): {differing}"
 
 
 def test_whole_model_odd_size_eval():
